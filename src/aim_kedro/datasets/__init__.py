@@ -1,0 +1,6 @@
+"""Kedro datasets that the catalog names: shard folders and model checkpoints, all versioned."""
+
+from aim_kedro.datasets.checkpoints import AIMCheckpointDataset, CheckpointSeriesDataset
+from aim_kedro.datasets.webdataset_shards import WebDatasetShards
+
+__all__ = ["AIMCheckpointDataset", "CheckpointSeriesDataset", "WebDatasetShards"]

@@ -1,0 +1,96 @@
+"""A versioned Kedro dataset whose artifact is a folder, written atomically."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import uuid
+from pathlib import PurePosixPath
+from typing import Any
+
+import fsspec
+from kedro.io import AbstractVersionedDataset, Version
+from kedro.io.core import get_filepath_str, get_protocol_and_path
+
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+class VersionedFolderDataset(AbstractVersionedDataset):
+    """Base for datasets stored as a folder at ``filepath/<version>/<name>/``.
+
+    Saves go to a hidden temporary folder beside ``filepath`` and are renamed into place in one
+    step on local disks, so a save killed half-way leaves no version that a load would pick up.
+    Subclasses implement ``_write(folder, data)`` and ``_read(folder)`` on a local or fsspec path. Kedro wraps
+    ``_load``/``_save`` once per subclass with its versioning logic.
+    """
+
+    def __init__(
+        self,
+        *,
+        filepath: str,
+        version: Version | None = None,
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        protocol, path = get_protocol_and_path(filepath, version)
+        self._protocol = protocol
+        self._fs = fsspec.filesystem(protocol, **(credentials or {}), **(fs_args or {}))
+        self.metadata = metadata
+        super().__init__(
+            filepath=PurePosixPath(path),
+            version=version,
+            exists_function=self._fs.exists,
+            glob_function=self._fs.glob,
+        )
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem the folder lives on."""
+        return self._fs
+
+    def _url(self, path: PurePosixPath | str) -> str:
+        return get_filepath_str(PurePosixPath(path), self._protocol)
+
+    def _write(self, folder: str, data: Any) -> None:
+        raise NotImplementedError
+
+    def _read(self, folder: str) -> Any:
+        raise NotImplementedError
+
+    def _load(self) -> Any:
+        """Read the latest (or the pinned) version's folder."""
+        return self._read(self._url(self._get_load_path()))
+
+    def _save(self, data: Any) -> None:
+        """Write a new version, atomically on local disks."""
+        save_path = self._get_save_path()
+        if self._protocol not in LOCAL_PROTOCOLS:
+            self._write(self._url(save_path), data)
+            return
+        version_dir = save_path.parent
+        parent = version_dir.parent.parent
+        tmp_root = parent / f".tmp-{version_dir.parent.name}-{version_dir.name}-{uuid.uuid4().hex[:8]}"
+        tmp_folder = tmp_root / save_path.name
+        os.makedirs(tmp_folder, exist_ok=False)
+        try:
+            self._write(str(tmp_folder), data)
+            os.makedirs(version_dir.parent, exist_ok=True)
+            os.rename(tmp_root, version_dir)
+        except BaseException:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+            raise
+
+    def _exists(self) -> bool:
+        try:
+            load_path = self._url(self._get_load_path())
+        except Exception:  # noqa: BLE001 - kedro raises its own error when no version exists
+            return False
+        return self._fs.exists(load_path)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "protocol": self._protocol, "version": self._version}
+
+    def _join(self, folder: str, name: str) -> str:
+        return posixpath.join(folder, name)

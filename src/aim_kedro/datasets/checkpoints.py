@@ -1,0 +1,99 @@
+"""Kedro datasets for model checkpoints: safetensors weights plus a JSON config, versioned."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from aim_kedro.datasets._folder import VersionedFolderDataset
+
+_STEP_FILE = re.compile(r"step_(\d+)\.safetensors$")
+
+
+def _tensors_to_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    return st_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+
+
+class AIMCheckpointDataset(VersionedFolderDataset):
+    """``model.safetensors`` + ``config.json`` (+ ``metadata.json``) in one versioned folder.
+
+    ``save({"config": dict, "state_dict": dict[str, Tensor], "metadata": dict})``; ``load()``
+    returns the same shape of dict.
+    """
+
+    def _write(self, folder: str, data: dict[str, Any]) -> None:
+        if "state_dict" not in data or "config" not in data:
+            raise ValueError("AIMCheckpointDataset.save takes a dict with 'config' and 'state_dict'")
+        self._fs.makedirs(folder, exist_ok=True)
+        with self._fs.open(self._join(folder, "model.safetensors"), "wb") as f:
+            f.write(_tensors_to_bytes(data["state_dict"]))
+        with self._fs.open(self._join(folder, "config.json"), "w") as f:
+            json.dump(data["config"], f, indent=2, sort_keys=True)
+        with self._fs.open(self._join(folder, "metadata.json"), "w") as f:
+            json.dump(data.get("metadata", {}), f, indent=2, sort_keys=True)
+
+    def _read(self, folder: str) -> dict[str, Any]:
+        with self._fs.open(self._join(folder, "model.safetensors"), "rb") as f:
+            state_dict = st_load(f.read())
+        with self._fs.open(self._join(folder, "config.json")) as f:
+            config = json.load(f)
+        metadata: dict[str, Any] = {}
+        meta_path = self._join(folder, "metadata.json")
+        if self._fs.exists(meta_path):
+            with self._fs.open(meta_path) as f:
+                metadata = json.load(f)
+        return {"config": config, "state_dict": state_dict, "metadata": metadata}
+
+    def preview(self) -> str:
+        """The checkpoint's config and metadata as JSON, for kedro-viz."""
+        folder = self._url(self._get_load_path())
+        with self._fs.open(self._join(folder, "config.json")) as f:
+            config = json.load(f)
+        meta_path = self._join(folder, "metadata.json")
+        metadata = json.load(self._fs.open(meta_path)) if self._fs.exists(meta_path) else {}
+        return json.dumps({"config": config, "metadata": metadata}, indent=2)
+
+
+class CheckpointSeriesDataset(VersionedFolderDataset):
+    """The intermediate checkpoints of one run: ``step_XXXXXXXX.safetensors`` + ``config.json``.
+
+    ``save({"config": dict, "checkpoints": {step: state_dict}})``; ``load()`` returns
+    ``{"config": dict, "steps": [int], "load": Callable[[int], state_dict]}`` reading one step
+    at a time, so a long series never sits in memory at once.
+    """
+
+    def _write(self, folder: str, data: dict[str, Any]) -> None:
+        self._fs.makedirs(folder, exist_ok=True)
+        with self._fs.open(self._join(folder, "config.json"), "w") as f:
+            json.dump(data["config"], f, indent=2, sort_keys=True)
+        for step, state_dict in data["checkpoints"].items():
+            if callable(state_dict):
+                state_dict = state_dict()
+            with self._fs.open(self._join(folder, f"step_{int(step):08d}.safetensors"), "wb") as f:
+                f.write(_tensors_to_bytes(state_dict))
+
+    def _read(self, folder: str) -> dict[str, Any]:
+        with self._fs.open(self._join(folder, "config.json")) as f:
+            config = json.load(f)
+        steps = sorted(
+            int(m.group(1)) for p in self._fs.ls(folder, detail=False) if (m := _STEP_FILE.search(p))
+        )
+        fs = self._fs
+
+        def load_step(step: int) -> dict[str, torch.Tensor]:
+            with fs.open(self._join(folder, f"step_{int(step):08d}.safetensors"), "rb") as f:
+                return st_load(f.read())
+
+        loader: Callable[[int], dict[str, torch.Tensor]] = load_step
+        return {"config": config, "steps": steps, "load": loader}
+
+    def preview(self) -> str:
+        """The run's config and the list of saved steps, for kedro-viz."""
+        data = self.load()
+        return json.dumps({"config": data["config"], "steps": data["steps"]}, indent=2)

@@ -1,0 +1,49 @@
+"""A KedroSession runs the project's pipelines on a temporary copy of the project."""
+
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+
+PROJECT = Path(__file__).resolve().parents[1]
+SMALL_SAMPLE = {
+    "sample": {
+        "counts": {"clean_digits": 30, "clean_photos": 20, "wrong_caption": 6, "exact_duplicate": 4,
+                   "near_duplicate": 4, "face": 12, "corrupt": 4, "eval_leak": 3},
+        "trusted": {"photos": 10},
+    }
+}
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """conf/, pyproject.toml and an empty data/ tree: the package itself is installed."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
+    (root / "src").mkdir()  # the package itself is installed (editable) in the venv
+    shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
+    for sub in ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input",
+                "06_models", "07_model_output", "08_reporting"):
+        (root / "data" / sub).mkdir(parents=True)
+    (root / "logs").mkdir()
+    return root
+
+
+def test_sample_pipeline_runs_in_a_session_and_versions_its_outputs(project_copy: Path) -> None:
+    bootstrap_project(project_copy)
+    for _ in range(2):
+        with KedroSession.create(project_path=project_copy, runtime_params=SMALL_SAMPLE) as session:
+            session.run(pipeline_names=["sample"])
+    versions = sorted((project_copy / "data/01_raw/raw_pool").iterdir())
+    assert len(versions) == 2
+    truth_versions = sorted((project_copy / "data/01_raw/sample_truth.parquet").iterdir())
+    truth = pl.read_parquet(truth_versions[-1] / "sample_truth.parquet")
+    assert truth.height == 30 + 20 + 6 + 4 + 4 + 12 + 4 + 3
+    for name in ("probe_train", "probe_test", "trusted_pairs"):
+        assert len(list((project_copy / "data/01_raw" / name).iterdir())) == 2
