@@ -81,3 +81,18 @@ def test_preview_lists_first_rows(tmp_path: Path) -> None:
     assert len(preview["data"]) == 5
     assert preview["data"][1][2] == f"{1:032x}"
     assert preview["data"][1][3] == "caption 1"
+
+
+def test_no_version_is_visible_while_a_save_is_in_flight(tmp_path: Path) -> None:
+    path = str(tmp_path / "pool")
+    seen_mid_save = []
+
+    def slow():
+        for i, sample in enumerate(_samples(6)):
+            if i == 4:
+                seen_mid_save.append(WebDatasetShards(filepath=path, version=Version(None, None)).exists())
+            yield sample
+
+    WebDatasetShards(filepath=path, samples_per_shard=2, version=Version(None, None)).save(slow())
+    assert seen_mid_save == [False]
+    assert WebDatasetShards(filepath=path, version=Version(None, None)).load().count() == 6
