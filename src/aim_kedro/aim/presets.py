@@ -1,0 +1,166 @@
+"""AIM model configurations: one dataclass and the named presets (data, not code paths)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ATTN_BACKENDS = ("sdpa", "flex")
+DEFAULT_NUM_PROBE_LAYERS = 6
+
+
+def _last_k(depth: int, k: int) -> tuple[int, ...]:
+    return tuple(range(max(depth - k, 0), depth))
+
+
+@dataclass(frozen=True)
+class AIMConfig:
+    """Every knob of an AIM model (trunk + pixel head); validated on construction.
+
+    `probe_layers` may be given as a sequence of block indices, an int k (the last k blocks) or
+    None (the last 6 blocks, or all of them when depth < 6); it is stored as a tuple of ints.
+    """
+
+    img_size: int = 224
+    patch_size: int = 14
+    in_chans: int = 3
+    embed_dim: int = 1536
+    depth: int = 24
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    head_embed_dim: int = 2048
+    head_depth: int = 12
+    attn_backend: str = "sdpa"
+    probe_layers: tuple[int, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                     "head_embed_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AIMConfig.{name} must be a positive int, got {value!r}.")
+        if isinstance(self.head_depth, bool) or not isinstance(self.head_depth, int) or self.head_depth < 0:
+            raise ValueError(f"AIMConfig.head_depth must be an int >= 0, got {self.head_depth!r}.")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"AIMConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}.")
+        if self.img_size % self.patch_size != 0:
+            raise ValueError(
+                f"AIMConfig.img_size ({self.img_size}) must be divisible by patch_size "
+                f"({self.patch_size}); choose an img_size that is a multiple of patch_size."
+            )
+        if self.num_patches < 2:
+            raise ValueError(
+                f"img_size / patch_size gives {self.num_patches} patch(es); autoregressive "
+                "pre-training needs at least 2: lower patch_size or raise img_size."
+            )
+        if self.embed_dim % self.num_heads != 0:
+            raise ValueError(
+                f"AIMConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads "
+                f"({self.num_heads})."
+            )
+        if self.embed_dim % 4 != 0:
+            raise ValueError(
+                f"AIMConfig.embed_dim ({self.embed_dim}) must be a multiple of 4 (2-D sin-cos "
+                "position embedding)."
+            )
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(
+                f"AIMConfig.attn_backend must be one of {list(ATTN_BACKENDS)}, "
+                f"got {self.attn_backend!r}."
+            )
+        object.__setattr__(self, "probe_layers", self._resolve_probe_layers(self.probe_layers))
+
+    def _resolve_probe_layers(self, layers: Any) -> tuple[int, ...]:
+        if layers is None:
+            return _last_k(self.depth, DEFAULT_NUM_PROBE_LAYERS)
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            if not 1 <= layers <= self.depth:
+                raise ValueError(
+                    f"AIMConfig.probe_layers as a count must be in [1, depth={self.depth}], "
+                    f"got {layers}."
+                )
+            return _last_k(self.depth, layers)
+        if isinstance(layers, Sequence) and not isinstance(layers, str):
+            resolved = tuple(int(i) for i in layers)
+            if not resolved:
+                raise ValueError("AIMConfig.probe_layers must name at least one block.")
+            bad = [i for i in resolved if not 0 <= i < self.depth]
+            if bad:
+                raise ValueError(
+                    f"AIMConfig.probe_layers {bad} out of range for depth {self.depth}: "
+                    f"block indices are 0..{self.depth - 1}."
+                )
+            return resolved
+        raise ValueError(
+            f"AIMConfig.probe_layers must be None, an int or a list of ints, got {layers!r}."
+        )
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per image side."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per image (no class token)."""
+        return self.grid_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per patch (p * p * C): the pixel head's output width."""
+        return self.patch_size * self.patch_size * self.in_chans
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-friendly dict (probe_layers as a list)."""
+        out = dataclasses.asdict(self)
+        out["probe_layers"] = list(self.probe_layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AIMConfig:
+        """Inverse of `to_dict`; unknown keys raise ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown AIMConfig keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**dict(data))
+
+
+_PRESET_ARGS: dict[str, dict[str, Any]] = {
+    "aim_600M": dict(embed_dim=1536, depth=24, num_heads=12, probe_layers=tuple(range(14, 20))),
+    "aim_1B": dict(embed_dim=2048, depth=24, num_heads=16, probe_layers=tuple(range(12, 18))),
+    "aim_3B": dict(embed_dim=3072, depth=24, num_heads=24, probe_layers=tuple(range(12, 18))),
+    "aim_7B": dict(embed_dim=4096, depth=32, num_heads=32, probe_layers=tuple(range(14, 20))),
+    "aim_vitb": dict(
+        img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+        head_embed_dim=1024, head_depth=8,
+    ),
+    "aim_sample": dict(
+        img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4,
+        head_embed_dim=256, head_depth=2,
+    ),
+    "aim_tiny": dict(
+        img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+        head_embed_dim=32, head_depth=1,
+    ),
+}
+
+PRESETS: dict[str, AIMConfig] = {name: AIMConfig(**args) for name, args in _PRESET_ARGS.items()}
+
+
+def get_config(preset: str, **overrides: Any) -> AIMConfig:
+    """The named preset with `overrides` applied, validated.
+
+    Presets that leave probe_layers at its default get it re-derived from an overridden depth.
+    """
+    if preset not in _PRESET_ARGS:
+        raise ValueError(f"Unknown preset={preset!r}; known presets: {sorted(_PRESET_ARGS)}.")
+    known = {f.name for f in dataclasses.fields(AIMConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown override(s) {unknown} for preset {preset!r}; known keys: {sorted(known)}."
+        )
+    return AIMConfig(**{**_PRESET_ARGS[preset], **overrides})
