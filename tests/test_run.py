@@ -47,3 +47,18 @@ def test_sample_pipeline_runs_in_a_session_and_versions_its_outputs(project_copy
     assert truth.height == 30 + 20 + 6 + 4 + 4 + 12 + 4 + 3
     for name in ("probe_train", "probe_test", "trusted_pairs"):
         assert len(list((project_copy / "data/01_raw" / name).iterdir())) == 2
+
+
+def test_bad_parameter_fails_before_any_node_runs(project_copy: Path) -> None:
+    bootstrap_project(project_copy)
+    with KedroSession.create(project_path=project_copy, runtime_params={"sample": {"image_size": 30}}) as session:
+        with pytest.raises(ValueError, match="sample.image_size"):
+            session.run(pipeline_names=["sample"])
+    assert not list((project_copy / "data/01_raw").iterdir())
+
+
+def test_missing_input_is_named_before_work(project_copy: Path) -> None:
+    bootstrap_project(project_copy)
+    with KedroSession.create(project_path=project_copy) as session:
+        with pytest.raises(FileNotFoundError, match="probe_test"):
+            session.run(pipeline_names=["sample"], from_nodes=["build_raw_pool"])

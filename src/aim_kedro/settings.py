@@ -1,6 +1,15 @@
-"""Project settings: the OmegaConf config loader with base and local environments."""
+"""Project settings: the OmegaConf config loader with base and local environments, and hooks."""
+
+import warnings
 
 from kedro.config import OmegaConfigLoader
+
+from aim_kedro.hooks import ValidateBeforeRunHooks
+
+# Kedro 1.7's config loader calls a deprecated OmegaConf API on every load; the warning is noise.
+warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
+
+HOOKS = (ValidateBeforeRunHooks(),)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
