@@ -1,0 +1,291 @@
+"""Face detectors behind one small interface, chosen and configured from a params dict.
+
+``make_detector(kind, **options)`` builds a :class:`FaceDetector` whose ``detect(image)`` returns
+``(x0, y0, x1, y1)`` pixel boxes (``x1``/``y1`` exclusive) in the input image's coordinates.
+
+Kinds:
+- ``opencv_haar`` (default): OpenCV Haar cascades shipped inside ``opencv-python`` (no download).
+  Small images are upscaled so the shorter side is at least ``detect_size`` and padded by
+  ``pad`` x the shorter side (edge pixels repeated), so faces that fill or touch the frame are
+  found; boxes are mapped back and clipped.
+- ``onnx``: a YuNet ONNX model (OpenCV Zoo ``face_detection_yunet_*.onnx``) at a local ``path``,
+  run through ``cv2.FaceDetectorYN``.
+- ``none``: finds nothing (for pools known to hold no faces).
+
+Detectors load their model lazily and drop it when pickled, so they can be shipped to workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol, runtime_checkable
+
+import cv2
+import numpy as np
+from PIL import Image
+
+Box = tuple[int, int, int, int]
+
+# Measured on pasted LFW faces and face-free crops (see tests/curation/test_faces.py).
+DEFAULT_CASCADES = ("frontalface_alt2",)
+
+
+@runtime_checkable
+class FaceDetector(Protocol):
+    """Anything that finds faces in an RGB PIL image and returns pixel boxes."""
+
+    def detect(self, image: Image.Image) -> list[Box]:
+        """Return ``(x0, y0, x1, y1)`` boxes of the faces in ``image``."""
+        ...
+
+
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _suppress(boxes: list[Box], iou_threshold: float) -> list[Box]:
+    """Keep the larger of any two boxes overlapping by more than ``iou_threshold``."""
+    kept: list[Box] = []
+    for box in sorted(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True):
+        if all(box_iou(box, k) <= iou_threshold for k in kept):
+            kept.append(box)
+    return kept
+
+
+@dataclass
+class _Frame:
+    """An image prepared for detection: upscaled by ``scale``, then padded by ``pad`` px."""
+
+    array: np.ndarray
+    scale: float
+    pad: int
+    size: tuple[int, int]
+
+    def to_image_boxes(self, rects: list[tuple[float, float, float, float]]) -> list[Box]:
+        """Map ``(x, y, w, h)`` rects in the frame back to clipped boxes of the original image."""
+        width, height = self.size
+        out: list[Box] = []
+        for x, y, w, h in rects:
+            x0 = max(0, math.floor((x - self.pad) / self.scale))
+            y0 = max(0, math.floor((y - self.pad) / self.scale))
+            x1 = min(width, math.ceil((x + w - self.pad) / self.scale))
+            y1 = min(height, math.ceil((y + h - self.pad) / self.scale))
+            if x1 > x0 and y1 > y0:
+                out.append((x0, y0, x1, y1))
+        return out
+
+
+def _prepare(
+    image: Image.Image, detect_size: int, pad: float, max_detect_size: int | None, gray: bool
+) -> _Frame:
+    """Resize so the shorter side lies in [detect_size, max_detect_size], then pad the edges."""
+    rgb = np.asarray(image.convert("RGB"))
+    height, width = rgb.shape[:2]
+    shorter = min(width, height)
+    scale = 1.0
+    if shorter < detect_size:
+        scale = detect_size / shorter
+    elif max_detect_size is not None and shorter > max_detect_size:
+        scale = max_detect_size / shorter
+    array = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY if gray else cv2.COLOR_RGB2BGR)
+    if scale != 1.0:
+        new = (max(1, round(width * scale)), max(1, round(height * scale)))
+        interp = cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
+        array = cv2.resize(array, new, interpolation=interp)
+    pad_px = round(pad * min(array.shape[:2]))
+    if pad_px:
+        array = cv2.copyMakeBorder(array, pad_px, pad_px, pad_px, pad_px, cv2.BORDER_REPLICATE)
+    return _Frame(array=array, scale=scale, pad=pad_px, size=(width, height))
+
+
+def _cascade_path(name: str) -> str:
+    """A cascade name (``frontalface_alt2``) or an XML path -> an existing XML file path."""
+    if os.path.isfile(name):
+        return name
+    path = os.path.join(cv2.data.haarcascades, f"haarcascade_{name}.xml")
+    if not os.path.isfile(path):
+        shipped = sorted(
+            f[len("haarcascade_") : -len(".xml")]
+            for f in os.listdir(cv2.data.haarcascades)
+            if f.startswith("haarcascade_") and "face" in f
+        )
+        raise ValueError(
+            f"cascades: {name!r} is neither an XML file nor a cascade shipped with OpenCV; "
+            f"use one of {shipped} or a path to a cascade XML"
+        )
+    return path
+
+
+@dataclass
+class HaarCascadeDetector:
+    """OpenCV Haar cascades; several cascades are merged by suppressing overlapping boxes.
+
+    A cascade whose name contains ``profile`` is run on the mirrored image too (it only knows one
+    side). ``min_size`` is in pixels of the upscaled, padded frame.
+    """
+
+    cascades: tuple[str, ...] = DEFAULT_CASCADES
+    scale_factor: float = 1.1
+    min_neighbors: int = 3
+    min_size: int = 20
+    detect_size: int = 128
+    max_detect_size: int | None = None
+    pad: float = 0.1
+    iou_threshold: float = 0.3
+    _classifiers: list[cv2.CascadeClassifier] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cascades, str):
+            self.cascades = (self.cascades,)
+        self.cascades = tuple(self.cascades)
+        if not self.cascades:
+            raise ValueError("cascades must name at least one cascade, e.g. ['frontalface_alt2']")
+        if self.scale_factor <= 1.0:
+            raise ValueError(f"scale_factor must be > 1 (e.g. 1.1), got {self.scale_factor}")
+        if self.min_neighbors < 0:
+            raise ValueError(f"min_neighbors must be >= 0, got {self.min_neighbors}")
+        _check_sizes(self.detect_size, self.max_detect_size, self.pad)
+        for name in self.cascades:
+            _cascade_path(name)
+
+    def _load(self) -> list[cv2.CascadeClassifier]:
+        if self._classifiers is None:
+            classifiers = []
+            for name in self.cascades:
+                path = _cascade_path(name)
+                classifier = cv2.CascadeClassifier(path)
+                if classifier.empty():
+                    raise ValueError(f"cascades: OpenCV could not load a cascade from {path}")
+                classifiers.append(classifier)
+            self._classifiers = classifiers
+        return self._classifiers
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_classifiers"] = None
+        return state
+
+    def detect(self, image: Image.Image) -> list[Box]:
+        """Return the face boxes of ``image`` in its own pixel coordinates."""
+        frame = _prepare(image, self.detect_size, self.pad, self.max_detect_size, gray=True)
+        gray = frame.array
+        min_size = (self.min_size, self.min_size)
+        rects: list[tuple[float, float, float, float]] = []
+        for name, classifier in zip(self.cascades, self._load(), strict=True):
+            found = classifier.detectMultiScale(
+                gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+                minSize=min_size,
+            )
+            rects.extend(tuple(r) for r in found)
+            if "profile" in name:
+                mirrored = np.ascontiguousarray(gray[:, ::-1])
+                found = classifier.detectMultiScale(
+                    mirrored, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+                    minSize=min_size,
+                )
+                frame_w = gray.shape[1]
+                rects.extend((frame_w - x - w, y, w, h) for x, y, w, h in found)
+        boxes = frame.to_image_boxes(rects)
+        return _suppress(boxes, self.iou_threshold) if len(self.cascades) > 1 else boxes
+
+
+@dataclass
+class YuNetOnnxDetector:
+    """A YuNet ONNX face detector at a local ``path``, run by ``cv2.FaceDetectorYN``."""
+
+    path: str
+    score_threshold: float = 0.6
+    nms_threshold: float = 0.3
+    top_k: int = 5000
+    detect_size: int = 128
+    max_detect_size: int | None = 640
+    pad: float = 0.1
+    _net: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.path = os.fspath(self.path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(
+                f"onnx face detector: option 'path' points to {self.path!r}, which does not exist; "
+                "set faces.detector.path to a local YuNet .onnx file "
+                "(e.g. face_detection_yunet_2023mar.onnx) or use kind 'opencv_haar'"
+            )
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+        _check_sizes(self.detect_size, self.max_detect_size, self.pad)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_net"] = None
+        return state
+
+    def detect(self, image: Image.Image) -> list[Box]:
+        """Return the face boxes of ``image`` in its own pixel coordinates."""
+        frame = _prepare(image, self.detect_size, self.pad, self.max_detect_size, gray=False)
+        height, width = frame.array.shape[:2]
+        if self._net is None:
+            self._net = cv2.FaceDetectorYN.create(
+                self.path, "", (width, height), self.score_threshold, self.nms_threshold,
+                self.top_k,
+            )
+        self._net.setInputSize((width, height))
+        _, faces = self._net.detect(frame.array)
+        if faces is None:
+            return []
+        return frame.to_image_boxes([tuple(float(v) for v in f[:4]) for f in faces])
+
+
+@dataclass
+class NoFaceDetector:
+    """Finds no faces; for pools known to be face-free."""
+
+    def detect(self, image: Image.Image) -> list[Box]:
+        """Return no boxes."""
+        return []
+
+
+def _check_sizes(detect_size: int, max_detect_size: int | None, pad: float) -> None:
+    if detect_size < 1:
+        raise ValueError(f"detect_size must be >= 1 (e.g. 128), got {detect_size}")
+    if max_detect_size is not None and max_detect_size < detect_size:
+        raise ValueError(
+            f"max_detect_size ({max_detect_size}) must be >= detect_size ({detect_size}) or null"
+        )
+    if not 0.0 <= pad <= 1.0:
+        raise ValueError(f"pad must be in [0, 1] (a fraction of the shorter side), got {pad}")
+
+
+_KINDS: dict[str, type] = {
+    "opencv_haar": HaarCascadeDetector,
+    "onnx": YuNetOnnxDetector,
+    "none": NoFaceDetector,
+}
+
+
+def make_detector(kind: str = "opencv_haar", **options: Any) -> FaceDetector:
+    """Build a face detector from a params dict: ``make_detector(**params)``.
+
+    Raises ValueError naming an unknown ``kind`` or option, FileNotFoundError for a missing
+    ``onnx`` model ``path``.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"face detector kind {kind!r} is unknown; use one of {sorted(_KINDS)}")
+    cls = _KINDS[kind]
+    allowed = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"face detector kind {kind!r} has no option(s) {unknown}; allowed: {sorted(allowed)}"
+        )
+    if kind == "onnx" and "path" not in options:
+        raise ValueError("face detector kind 'onnx' needs option 'path' (a local YuNet .onnx file)")
+    return cls(**options)
