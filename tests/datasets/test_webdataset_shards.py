@@ -96,3 +96,11 @@ def test_no_version_is_visible_while_a_save_is_in_flight(tmp_path: Path) -> None
     WebDatasetShards(filepath=path, samples_per_shard=2, version=Version(None, None)).save(slow())
     assert seen_mid_save == [False]
     assert WebDatasetShards(filepath=path, version=Version(None, None)).load().count() == 6
+
+
+def test_unversioned_save_replaces_the_folder(tmp_path: Path) -> None:
+    path = str(tmp_path / "plain")
+    WebDatasetShards(filepath=path).save(_samples(3))
+    WebDatasetShards(filepath=path).save(_samples(5))
+    assert WebDatasetShards(filepath=path).load().count() == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]

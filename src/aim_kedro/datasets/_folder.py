@@ -69,6 +69,9 @@ class VersionedFolderDataset(AbstractVersionedDataset):
         if self._protocol not in LOCAL_PROTOCOLS:
             self._write(self._url(save_path), data)
             return
+        if not self._version:
+            self._replace_unversioned(save_path, data)
+            return
         version_dir = save_path.parent
         parent = version_dir.parent.parent
         tmp_root = parent / f".tmp-{version_dir.parent.name}-{version_dir.name}-{uuid.uuid4().hex[:8]}"
@@ -81,6 +84,22 @@ class VersionedFolderDataset(AbstractVersionedDataset):
         except BaseException:
             shutil.rmtree(tmp_root, ignore_errors=True)
             raise
+
+    def _replace_unversioned(self, save_path: PurePosixPath, data: Any) -> None:
+        """Unversioned: write beside the folder, then swap it in (the old copy goes last)."""
+        tag = uuid.uuid4().hex[:8]
+        tmp_folder = save_path.parent / f".tmp-{save_path.name}-{tag}"
+        old_folder = save_path.parent / f".old-{save_path.name}-{tag}"
+        os.makedirs(tmp_folder, exist_ok=False)
+        try:
+            self._write(str(tmp_folder), data)
+        except BaseException:
+            shutil.rmtree(tmp_folder, ignore_errors=True)
+            raise
+        if os.path.exists(save_path):
+            os.rename(save_path, old_folder)
+        os.rename(tmp_folder, save_path)
+        shutil.rmtree(old_folder, ignore_errors=True)
 
     def _exists(self) -> bool:
         try:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from kedro_datasets._typing import JSONPreview
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -50,7 +51,7 @@ class AIMCheckpointDataset(VersionedFolderDataset):
                 metadata = json.load(f)
         return {"config": config, "state_dict": state_dict, "metadata": metadata}
 
-    def preview(self) -> str:
+    def preview(self) -> JSONPreview:
         """The checkpoint's config and metadata as JSON, for kedro-viz."""
         folder = self._url(self._get_load_path())
         with self._fs.open(self._join(folder, "config.json")) as f:
@@ -93,7 +94,7 @@ class CheckpointSeriesDataset(VersionedFolderDataset):
         loader: Callable[[int], dict[str, torch.Tensor]] = load_step
         return {"config": config, "steps": steps, "load": loader}
 
-    def preview(self) -> str:
+    def preview(self) -> JSONPreview:
         """The run's config and the list of saved steps, for kedro-viz."""
         data = self.load()
         return json.dumps({"config": data["config"], "steps": data["steps"]}, indent=2)

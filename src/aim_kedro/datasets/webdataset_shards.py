@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from itertools import islice
 from typing import Any
 
+from kedro_datasets._typing import TablePreview
+
 from aim_kedro.curation.shards import (
     IMAGE_EXTENSIONS,
     Sample,
@@ -54,7 +56,7 @@ class WebDatasetShards(VersionedFolderDataset):
         url = folder if self._protocol in ("file", "local") else f"{self._protocol}://{folder}"
         return ShardSet.open(url)
 
-    def preview(self, nrows: int = 10) -> dict[str, Any]:
+    def preview(self, nrows: int = 10) -> TablePreview:
         """A table of the first samples (key, shard, uid, caption, image type and size) for kedro-viz."""
         columns = ["key", "shard", "uid", "caption", "image", "bytes"]
         rows = []
