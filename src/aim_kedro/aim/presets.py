@@ -133,13 +133,18 @@ _PRESET_ARGS: dict[str, dict[str, Any]] = {
     "aim_1B": dict(embed_dim=2048, depth=24, num_heads=16, probe_layers=tuple(range(12, 18))),
     "aim_3B": dict(embed_dim=3072, depth=24, num_heads=24, probe_layers=tuple(range(12, 18))),
     "aim_7B": dict(embed_dim=4096, depth=32, num_heads=32, probe_layers=tuple(range(14, 20))),
+    # ViT-B trunk with a pixel head of ~6% of the trunk's FLOPs (2 blocks of width 512), so a
+    # training step costs <= 1.15x a plain ViT-B step (bench/train_step.py); an 8 x 1024 head
+    # would add ~77% of the trunk's FLOPs.
     "aim_vitb": dict(
         img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-        head_embed_dim=1024, head_depth=8,
+        head_embed_dim=512, head_depth=2,
     ),
+    # The sample's head is one block of the trunk's width: a 2 x 256 head made a training step
+    # cost 1.95x a plain ViT step on CPU (bench/train_step.py); 1 x 128 costs ~1.05x.
     "aim_sample": dict(
         img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4,
-        head_embed_dim=256, head_depth=2,
+        head_embed_dim=128, head_depth=1,
     ),
     "aim_tiny": dict(
         img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
