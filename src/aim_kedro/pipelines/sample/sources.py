@@ -121,16 +121,15 @@ def photo_caption(subject: str, rng: np.random.Generator) -> str:
 
 
 def render_digit(index: int, size: int, rng: np.random.Generator) -> Rendered:
-    """Digit ``index`` in colour: random ink and paper, random scale and position, light noise."""
+    """Digit ``index`` in colour: dark ink on light paper of random hues, random scale and place, noise."""
     images, labels = digits()
     glyph = Image.fromarray((images[index] / 16.0 * 255).astype(np.uint8), mode="L")
-    side = int(rng.integers(int(size * 0.55), int(size * 0.9) + 1))
+    side = int(rng.integers(int(size * 0.7), int(size * 0.9) + 1))
     glyph = glyph.resize((side, side), Image.Resampling.BICUBIC)
     alpha = np.asarray(glyph, dtype=np.float32)[..., None] / 255.0
-    paper = rng.integers(0, 256, size=3).astype(np.float32)
-    ink = rng.integers(0, 256, size=3).astype(np.float32)
-    while np.abs(ink - paper).sum() < 250:
-        ink = rng.integers(0, 256, size=3).astype(np.float32)
+    # Light paper and dark ink of random hues: colourful, but with one polarity, as on paper.
+    paper = rng.integers(150, 256, size=3).astype(np.float32)
+    ink = rng.integers(0, 110, size=3).astype(np.float32)
     canvas = np.ones((size, size, 3), np.float32) * paper
     x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
     patch = canvas[y0 : y0 + side, x0 : x0 + side]

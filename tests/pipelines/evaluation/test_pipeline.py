@@ -1,0 +1,257 @@
+"""The evaluation pipeline: parameter checks, its shape, its catalog, and one short end-to-end run."""
+
+import copy
+import io
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import yaml
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+from matplotlib.figure import Figure
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from aim_kedro.aim.model import AIM
+from aim_kedro.aim.presets import get_config
+from aim_kedro.curation.shards import ShardSet, write_shards
+from aim_kedro.pipelines.evaluation import create_pipeline
+from aim_kedro.pipelines.evaluation.nodes import validate_evaluation_params
+
+PROJECT = Path(__file__).resolve().parents[3]
+PARAMS = yaml.safe_load((PROJECT / "conf/base/parameters_evaluation.yml").read_text())["evaluation"]
+
+FAST_PROBES = {
+    "kinds": ["attentive", "linear"],
+    "lrs": {"attentive": [3e-3], "linear": [1e-2]},
+    "val_fraction": 0.2,
+    "epochs": 2,
+    "min_steps": 10,
+    "batch_size": 32,
+    "low_shot": {"shots": 2, "seeds": [0, 1]},
+}
+
+
+class KeptDataset(MemoryDataset):
+    """A MemoryDataset the runner cannot release, so the test can read outputs consumed downstream."""
+
+    def _release(self) -> None:
+        pass
+
+
+def params(**overrides) -> dict:
+    out = copy.deepcopy(PARAMS)
+    for key, value in overrides.items():
+        out[key] = (
+            {**out[key], **value}
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def test_shipped_parameters_validate_and_fill_the_device():
+    settings = validate_evaluation_params(PARAMS)
+    assert settings["device"] in ("cpu", "cuda")
+    assert settings["trunk"]["source"] == "catalog"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (
+            {"trunk": {"source": "ml_aim", "path": "/no/such/aim.safetensors", "config": {}}},
+            "trunk.path",
+        ),
+        (
+            {
+                "dataset": {
+                    "kind": "image_folder",
+                    "train_path": "/no/such/train",
+                    "test_path": "/tmp",
+                }
+            },
+            "dataset.train_path",
+        ),
+        ({"dataset": {"kind": "csv"}}, "dataset.kind"),
+        ({"features": {"layers": "middle"}}, "features.layers"),
+        ({"probes": {"lrs": {"attentive": [], "linear": [1e-3]}}}, "probes.lrs.attentive"),
+        ({"probes": {"val_fraction": 1.5}}, "probes.val_fraction"),
+    ],
+)
+def test_bad_parameters_are_named(overrides, named):
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        validate_evaluation_params(params(**overrides))
+
+
+def test_ml_aim_config_must_be_complete(tmp_path):
+    checkpoint = tmp_path / "aim.safetensors"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(ValueError, match="trunk.config"):
+        validate_evaluation_params(
+            params(trunk={"source": "ml_aim", "path": str(checkpoint), "config": {"img_size": 224}})
+        )
+
+
+def test_pipeline_nodes_and_the_published_checkpoint_variant():
+    full = create_pipeline()
+    assert {n.name for n in full.nodes} == {
+        "validate_evaluation_params",
+        "load_eval_sets",
+        "load_trunk",
+        "extract_probe_features",
+        "extract_random_init_features",
+        "train_probes",
+        "plot_probe_results",
+        "loss_vs_accuracy",
+        "plot_loss_vs_accuracy",
+    }
+    assert full.inputs() == {
+        "params:evaluation",
+        "probe_train",
+        "probe_test",
+        "aim_checkpoint",
+        "aim_intermediate_checkpoints",
+        "training_history",
+    }
+    assert all("evaluation" in n.tags for n in full.nodes)
+    published = create_pipeline(trunk_source="ml_aim")
+    assert published.inputs() == {"params:evaluation", "probe_train", "probe_test"}
+    assert "probe_metrics" in published.all_outputs()
+
+
+def test_catalog_entries_are_versioned_and_cover_the_outputs():
+    entries = yaml.safe_load((PROJECT / "conf/base/catalog_evaluation.yml").read_text())
+    outputs = create_pipeline().all_outputs()
+    for name in (
+        "probe_features",
+        "random_init_features",
+        "probe_metrics",
+        "probe_results_plot",
+        "loss_vs_accuracy",
+        "loss_vs_accuracy_summary",
+        "loss_vs_accuracy_plot",
+    ):
+        assert name in outputs and entries[name]["versioned"] is True
+    catalog = DataCatalog.from_config(entries)
+    assert "probe_metrics" in catalog
+
+
+def _digit_png(image: np.ndarray, size: int) -> bytes:
+    grey = (image / 16.0 * 255).astype(np.uint8)
+    rgb = np.stack([grey, 255 - grey, grey // 2], axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).resize((size, size), Image.BILINEAR).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _probe_shards(
+    root: Path, per_class_train: int, per_class_test: int, size: int
+) -> tuple[ShardSet, ShardSet]:
+    digits = load_digits()
+    splits = {"train": [], "test": []}
+    counts: dict[int, int] = {}
+    for index, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        seen = counts.get(int(label), 0)
+        if seen >= per_class_train + per_class_test:
+            continue
+        counts[int(label)] = seen + 1
+        split = "train" if seen < per_class_train else "test"
+        splits[split].append(
+            {
+                "__key__": f"{index:05d}",
+                "png": _digit_png(image, size),
+                "cls": str(int(label)),
+                "json": {"eval_id": f"d{index}", "label": int(label)},
+            }
+        )
+    out = []
+    for split, samples in splits.items():
+        write_shards(samples, str(root / split), samples_per_shard=64)
+        out.append(ShardSet.open(str(root / split)))
+    return out[0], out[1]
+
+
+@pytest.mark.slow
+def test_evaluation_pipeline_end_to_end_on_a_tiny_run(tmp_path):
+    cfg = get_config("aim_tiny")
+    probe_train, probe_test = _probe_shards(
+        tmp_path, per_class_train=12, per_class_test=5, size=cfg.img_size
+    )
+    torch.manual_seed(0)
+    series = {}
+    for step in (10, 20, 30):
+        series[step] = {k: v.clone() for k, v in AIM(cfg).state_dict().items()}
+    config = {**cfg.to_dict(), "preset": "aim_tiny"}
+    history = pl.DataFrame(
+        {
+            "step": [5, 10, 20, 25, 30],
+            "train_loss": [1.0, 0.9, 0.8, 0.75, 0.7],
+            "val_loss": [None, 0.95, 0.85, None, 0.8],
+            "lr": [1e-3] * 5,
+            "grad_norm": [1.0] * 5,
+            "images_per_s": [100.0] * 5,
+        }
+    )
+    run_params = params(
+        device="cpu",
+        features={"layers": "last6", "batch_size": 64},
+        probes=FAST_PROBES,
+        loss_vs_accuracy={"kind": "attentive", "lr": 3e-3, "shots": 2, "max_checkpoints": 8},
+    )
+    datasets = {
+        "params:evaluation": MemoryDataset(run_params),
+        "probe_train": MemoryDataset(probe_train, copy_mode="assign"),
+        "probe_test": MemoryDataset(probe_test, copy_mode="assign"),
+        "aim_checkpoint": MemoryDataset(
+            {"config": config, "state_dict": series[30], "metadata": {"step": 30}},
+            copy_mode="assign",
+        ),
+        "aim_intermediate_checkpoints": MemoryDataset(
+            {"config": config, "steps": sorted(series), "load": series.__getitem__},
+            copy_mode="assign",
+        ),
+        "training_history": MemoryDataset(history),
+        "eval_trunk": MemoryDataset(copy_mode="assign"),
+        "eval_sets": MemoryDataset(copy_mode="assign"),
+    }
+    for name in (
+        "probe_features",
+        "random_init_features",
+        "probe_metrics",
+        "probe_results_plot",
+        "loss_vs_accuracy",
+        "loss_vs_accuracy_summary",
+        "loss_vs_accuracy_plot",
+    ):
+        datasets[name] = KeptDataset(copy_mode="assign")
+    catalog = DataCatalog(datasets=datasets)
+    SequentialRunner().run(create_pipeline(), catalog)
+
+    metrics = catalog["probe_metrics"].load()
+    for trunk in ("pretrained", "random_init"):
+        assert set(metrics[trunk]) >= {"attentive", "linear", "attentive_2shot", "linear_2shot"}
+        for name in ("attentive", "linear", "attentive_2shot", "linear_2shot"):
+            entry = metrics[trunk][name]
+            assert 0.0 <= entry["top1"] <= entry["top5"] <= 1.0
+            assert entry["layers"] == [0, 1]
+        assert "std" in metrics[trunk]["attentive_2shot"]
+    assert metrics["random_init"]["trunk"] == "random_init(seed=0)"
+    features = catalog["probe_features"].load()
+    assert features["train"]["tokens"].shape == (120, cfg.num_patches, cfg.embed_dim)
+    assert features["train"]["tokens"].dtype == torch.float16
+    assert features["test"]["labels"].shape == (50,)
+
+    table = catalog["loss_vs_accuracy"].load()
+    assert table.columns == ["step", "val_loss", "top1"]
+    assert table["step"].to_list() == [10, 20, 30]
+    assert table["val_loss"].to_list() == [0.95, 0.85, 0.8]
+    summary = catalog["loss_vs_accuracy_summary"].load()
+    assert (
+        summary["n"] == 3 and summary["spearman"] is not None and -1.0 <= summary["spearman"] <= 1.0
+    )
+    assert isinstance(catalog["probe_results_plot"].load(), Figure)
+    assert isinstance(catalog["loss_vs_accuracy_plot"].load(), Figure)
