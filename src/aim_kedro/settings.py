@@ -5,11 +5,16 @@ import warnings
 from kedro.config import OmegaConfigLoader
 
 from aim_kedro.hooks import ValidateBeforeRunHooks
+from aim_kedro.tracking import MlflowTracking
 
 # Kedro 1.7's config loader calls a deprecated OmegaConf API on every load; the warning is noise.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
 
-HOOKS = (ValidateBeforeRunHooks(),)
+HOOKS = (ValidateBeforeRunHooks(), MlflowTracking())
+
+# kedro-mlflow (a dev extra) registers its hook in every session once installed; MlflowTracking
+# replaces it and stays inert unless conf enables tracking for a pipeline of the run.
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro-mlflow", "kedro_mlflow")
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
