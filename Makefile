@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export KEDRO_DISABLE_TELEMETRY := 1
-export DO_NOT_TRACK := 1
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 
 .PHONY: run test lint viz clean-data
@@ -25,6 +26,9 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/pytest
+
+viz: $(VENV)/.installed-dev
+	$(BIN)/kedro viz run --host 127.0.0.1 --port 4141 --no-browser
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench

@@ -20,4 +20,6 @@ CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
+    # conf/local/parameters_<pipeline>.yml may override a few keys and keep the rest of base.
+    "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
 }

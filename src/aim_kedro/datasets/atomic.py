@@ -13,6 +13,7 @@ import uuid
 from pathlib import PurePosixPath
 from typing import Any
 
+from kedro_datasets._typing import TablePreview
 from kedro_datasets.json import JSONDataset as _JSONDataset
 from kedro_datasets.matplotlib import MatplotlibDataset as _MatplotlibDataset
 from kedro_datasets.pickle import PickleDataset as _PickleDataset
@@ -57,6 +58,12 @@ class EagerPolarsDataset(_EagerPolarsDataset):
 
     def save(self, data: Any) -> None:
         _atomic_save(self, _EagerPolarsDataset, data)
+
+    def preview(self, nrows: int = 5) -> TablePreview:
+        """First rows for kedro-viz as plain Python values (list columns included)."""
+        frame = self.load().head(nrows)
+        return TablePreview({"columns": frame.columns, "index": list(range(frame.height)),
+                             "data": [list(row) for row in frame.iter_rows()]})
 
 
 class JSONDataset(_JSONDataset):

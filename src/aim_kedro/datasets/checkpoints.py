@@ -57,7 +57,10 @@ class AIMCheckpointDataset(VersionedFolderDataset):
         with self._fs.open(self._join(folder, "config.json")) as f:
             config = json.load(f)
         meta_path = self._join(folder, "metadata.json")
-        metadata = json.load(self._fs.open(meta_path)) if self._fs.exists(meta_path) else {}
+        metadata: dict[str, Any] = {}
+        if self._fs.exists(meta_path):
+            with self._fs.open(meta_path) as f:
+                metadata = json.load(f)
         return json.dumps({"config": config, "metadata": metadata}, indent=2)
 
 
