@@ -106,7 +106,7 @@ def test_pipeline_nodes_and_the_published_checkpoint_variant():
         "extract_random_init_features",
         "train_probes",
         "plot_probe_results",
-        "loss_vs_accuracy",
+        "compute_loss_vs_accuracy",
         "plot_loss_vs_accuracy",
     }
     assert full.inputs() == {

@@ -89,7 +89,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "evaluation_settings",
                 ],
                 outputs=["loss_vs_accuracy", "loss_vs_accuracy_summary"],
-                name="loss_vs_accuracy",
+                name="compute_loss_vs_accuracy",
             ),
             node(
                 plot_loss_vs_accuracy,
