@@ -90,7 +90,7 @@ def split_digits(seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarra
 
 
 def _probe_sample(index: int, seed: int, size: int) -> Sample:
-    rendered = render_digit(index, size, np.random.default_rng([seed, 2, index]))
+    rendered = render_digit(index, size, np.random.default_rng([seed, 2, index]), jitter=False)
     label = int(rendered.label)
     return {
         "__key__": f"{index:06d}",
@@ -101,7 +101,8 @@ def _probe_sample(index: int, seed: int, size: int) -> Sample:
 
 
 def build_probe_sets(params: dict[str, Any]) -> tuple[list[Sample], list[Sample]]:
-    """``probe_train`` and ``probe_test``: sklearn digits rendered in colour, a fixed stratified split."""
+    """``probe_train`` and ``probe_test``: sklearn digits rendered in colour and centred (a clean
+    benchmark, as evaluation sets are), in a fixed stratified split."""
     validate_sample_params(params)
     train, test = split_digits(params["seed"], params["probe_test_fraction"])
     size = params["image_size"]
@@ -298,6 +299,15 @@ def build_trusted_pairs(digit_indices: list[int], params: dict[str, Any], seed: 
     items: list[Rendered] = [render_digit(i, size, rng) for i in digit_indices for _ in range(renders)]
     names = list(PHOTO_SOURCES)
     items += [render_photo(names[i % len(names)], size, rng) for i in range(n_photos)]
+    # Faces too, or the filtering network never learns their captions and cuts every face from
+    # the subset: other crops of the portraits, and LFW faces pasted into other scenes.
+    n_faces = int(trusted_params.get("faces", 100))
+    portraits = list(FACE_SOURCES)
+    for i in range(n_faces):
+        if i % 5 == 0:
+            items.append(render_face_photo(portraits[(i // 5) % len(portraits)], size, rng))
+        else:
+            items.append(render_pasted_face(int(rng.integers(len(lfw_faces()))), size, rng))
     pairs = []
     for i in rng.permutation(len(items)):
         r = items[int(i)]

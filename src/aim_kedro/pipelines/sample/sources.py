@@ -120,18 +120,22 @@ def photo_caption(subject: str, rng: np.random.Generator) -> str:
     return PHOTO_TEMPLATES[rng.integers(len(PHOTO_TEMPLATES))].format(x=subject)
 
 
-def render_digit(index: int, size: int, rng: np.random.Generator) -> Rendered:
-    """Digit ``index`` in colour: dark ink on light paper of random hues, random scale and place, noise."""
+def render_digit(index: int, size: int, rng: np.random.Generator, jitter: bool = True) -> Rendered:
+    """Digit ``index`` in colour: dark ink on light paper of random hues, light noise; with
+    ``jitter`` at a random scale and place (the pool), else centred at 80% (the probe sets)."""
     images, labels = digits()
     glyph = Image.fromarray((images[index] / 16.0 * 255).astype(np.uint8), mode="L")
-    side = int(rng.integers(int(size * 0.7), int(size * 0.9) + 1))
+    side = int(rng.integers(int(size * 0.7), int(size * 0.9) + 1)) if jitter else int(size * 0.8)
     glyph = glyph.resize((side, side), Image.Resampling.BICUBIC)
     alpha = np.asarray(glyph, dtype=np.float32)[..., None] / 255.0
     # Light paper and dark ink of random hues: colourful, but with one polarity, as on paper.
     paper = rng.integers(150, 256, size=3).astype(np.float32)
     ink = rng.integers(0, 110, size=3).astype(np.float32)
     canvas = np.ones((size, size, 3), np.float32) * paper
-    x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    if jitter:
+        x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    else:
+        x0 = y0 = (size - side) // 2
     patch = canvas[y0 : y0 + side, x0 : x0 + side]
     canvas[y0 : y0 + side, x0 : x0 + side] = patch * (1 - alpha) + ink * alpha
     canvas += rng.normal(0, 4.0, canvas.shape)

@@ -1,0 +1,197 @@
+"""DataComp's basic filters, the NSFW cut and the DFN score threshold, as per-sample decisions.
+
+Every function returns reasons instead of dropping rows, so the manifest can account for every
+sample. The score cut is global (one threshold over the whole pool) and works on a compact
+array of scores; the other filters look at one row at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+BASIC_FILTER = "basic_filter"
+NSFW = "nsfw"
+LOW_CLIP_SCORE = "low_clip_score"
+
+DECISION_SCHEMA: dict[str, pl.DataType] = {
+    "uid": pl.String(),
+    "reject_reason": pl.String(),
+    "reject_detail": pl.String(),
+}
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Thresholds of the filtering stage (``curation.filters`` in the parameters).
+
+    ``keep_fraction`` keeps the best-scoring fraction of the samples that reach the score cut
+    (DFN keeps 0.15); an absolute ``threshold`` on ``clip_score`` replaces it when set. The basic
+    filters follow DataComp: shorter side, aspect ratio and caption length in words.
+    ``nsfw_threshold`` rejects samples whose ``nsfw_score`` is at least that (null: no cut).
+    """
+
+    keep_fraction: float | None = 0.15
+    threshold: float | None = None
+    min_shorter_side: int = 0
+    max_aspect_ratio: float = 3.0
+    min_caption_words: int = 2
+    nsfw_threshold: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        if self.threshold is None and self.keep_fraction is None:
+            raise ValueError(
+                "curation.filters needs keep_fraction (e.g. 0.15) or an absolute threshold on "
+                "clip_score; both are null"
+            )
+        if self.threshold is None:
+            fraction = self.keep_fraction
+            if (
+                isinstance(fraction, bool)
+                or not isinstance(fraction, int | float)
+                or not 0.0 < float(fraction) <= 1.0
+            ):
+                raise ValueError(
+                    f"curation.filters.keep_fraction must be in (0, 1], got {fraction!r}; "
+                    "set the fraction of scored samples to keep, e.g. 0.15 as in DFN "
+                    "(1.0 keeps all), or set curation.filters.threshold instead"
+                )
+        elif not isinstance(self.threshold, int | float) or not -1.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(
+                f"curation.filters.threshold must be a cosine in [-1, 1] or null, got "
+                f"{self.threshold!r}; use null to keep curation.filters.keep_fraction instead"
+            )
+        if int(self.min_shorter_side) < 0:
+            raise ValueError(
+                f"curation.filters.min_shorter_side must be >= 0 px, got {self.min_shorter_side}"
+            )
+        if float(self.max_aspect_ratio) < 1.0:
+            raise ValueError(
+                f"curation.filters.max_aspect_ratio must be >= 1 (long side / short side), got "
+                f"{self.max_aspect_ratio}"
+            )
+        if int(self.min_caption_words) < 0:
+            raise ValueError(
+                f"curation.filters.min_caption_words must be >= 0, got {self.min_caption_words}"
+            )
+        if self.nsfw_threshold is not None and not 0.0 <= float(self.nsfw_threshold) <= 1.0:
+            raise ValueError(
+                f"curation.filters.nsfw_threshold must be in [0, 1] or null (no NSFW cut), got "
+                f"{self.nsfw_threshold}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> FilterConfig:
+        """Build from ``curation.filters``; an unknown key raises a ValueError naming the valid ones."""
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown curation.filters parameter(s) {unknown}; valid keys: {sorted(known)}"
+            )
+        return cls(**values)
+
+
+def caption_words(caption: str | None) -> int:
+    """Number of whitespace-separated words of a caption (0 for None)."""
+    return len(caption.split()) if caption else 0
+
+
+def basic_filter_detail(
+    width: int | None, height: int | None, caption: str | None, cfg: FilterConfig
+) -> str | None:
+    """Why a sample fails DataComp's basic filters, or None when it passes."""
+    problems = []
+    if width is not None and height is not None and width > 0 and height > 0:
+        short, long = min(width, height), max(width, height)
+        if short < cfg.min_shorter_side:
+            problems.append(f"shorter side {short} px < {cfg.min_shorter_side}")
+        if long / short > cfg.max_aspect_ratio:
+            problems.append(f"aspect ratio {long / short:.2f} > {cfg.max_aspect_ratio:g}")
+    words = caption_words(caption)
+    if words < cfg.min_caption_words:
+        problems.append(f"caption has {words} word(s) < {cfg.min_caption_words}")
+    return "; ".join(problems) or None
+
+
+def filter_decisions(index: pl.DataFrame, scores: pl.DataFrame, cfg: FilterConfig) -> pl.DataFrame:
+    """Basic-filter and NSFW decisions for the samples the index accepted.
+
+    ``index`` has uid, width, height, caption, reject_reason; ``scores`` has uid and nsfw_score.
+    Returns one row per index row: uid, reject_reason (``basic_filter``, ``nsfw`` or null),
+    reject_detail. Samples the index already rejected get null here (their reason comes first).
+    """
+    table = index.select("uid", "width", "height", "caption", "reject_reason").join(
+        scores.select("uid", "nsfw_score"), on="uid", how="left"
+    )
+    reasons: list[str | None] = []
+    details: list[str | None] = []
+    for width, height, caption, earlier, nsfw in table.select(
+        "width", "height", "caption", "reject_reason", "nsfw_score"
+    ).iter_rows():
+        if earlier is not None:
+            reasons.append(None)
+            details.append(None)
+            continue
+        detail = basic_filter_detail(width, height, caption, cfg)
+        if detail is not None:
+            reasons.append(BASIC_FILTER)
+            details.append(detail)
+        elif (
+            cfg.nsfw_threshold is not None
+            and nsfw is not None
+            and not math.isnan(nsfw)
+            and nsfw >= cfg.nsfw_threshold
+        ):
+            reasons.append(NSFW)
+            details.append(f"nsfw_score {nsfw:.3f} >= {cfg.nsfw_threshold:g}")
+        else:
+            reasons.append(None)
+            details.append(None)
+    return pl.DataFrame(
+        {"uid": table["uid"], "reject_reason": reasons, "reject_detail": details},
+        schema=DECISION_SCHEMA,
+    )
+
+
+def select_by_score(scores: np.ndarray, cfg: FilterConfig) -> tuple[np.ndarray, float]:
+    """Which candidates pass the score cut, and the threshold used.
+
+    With ``keep_fraction`` the best ``ceil(keep_fraction * n)`` scores are kept (ties broken by
+    position, so the count is exact); the threshold reported is the lowest kept score. With an
+    absolute ``threshold`` every score >= it is kept. NaN scores never pass.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    keep = np.zeros(n, dtype=bool)
+    finite = np.isfinite(scores)
+    if cfg.threshold is not None:
+        keep = finite & (scores >= float(cfg.threshold))
+        return keep, float(cfg.threshold)
+    assert cfg.keep_fraction is not None
+    k = min(int(finite.sum()), math.ceil(float(cfg.keep_fraction) * n - 1e-9))
+    if n == 0 or k == 0:
+        return keep, float("nan")
+    ranked = np.where(finite, scores, -np.inf)
+    order = np.lexsort((np.arange(n), -ranked))
+    keep[order[:k]] = True
+    return keep, float(scores[order[k - 1]])
+
+
+__all__ = [
+    "BASIC_FILTER",
+    "DECISION_SCHEMA",
+    "LOW_CLIP_SCORE",
+    "NSFW",
+    "FilterConfig",
+    "basic_filter_detail",
+    "caption_words",
+    "filter_decisions",
+    "select_by_score",
+]

@@ -1,0 +1,505 @@
+"""Decode every pool sample safely and build the per-sample index (sizes, hashes, caption, reason).
+
+One bad record never stops the run: whatever goes wrong while reading a sample becomes a
+``reject_reason`` (``corrupt`` or ``no_caption``) with a human-readable ``reject_detail``.
+Shards are read one at a time, so memory holds one shard's samples plus the compact index rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import re
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.fft
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from aim_kedro.curation.shards import (
+    ERROR_KEY,
+    SHARD_KEY,
+    Sample,
+    ShardSet,
+    image_bytes,
+    sample_json,
+)
+
+logger = logging.getLogger(__name__)
+
+CORRUPT = "corrupt"
+NO_CAPTION = "no_caption"
+
+INDEX_SCHEMA: dict[str, pl.DataType] = {
+    "uid": pl.String(),
+    "shard": pl.String(),
+    "key": pl.String(),
+    "position": pl.UInt32(),
+    "width": pl.Int32(),
+    "height": pl.Int32(),
+    "sha256_bytes": pl.String(),
+    "sha256_pixels": pl.String(),
+    "phash": pl.UInt64(),
+    "phash_crops": pl.List(pl.UInt64()),
+    "color_grid": pl.Binary(),
+    "caption": pl.String(),
+    "reject_reason": pl.String(),
+    "reject_detail": pl.String(),
+}
+
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How samples are decoded: the decompression-bomb limit and the caption length cap."""
+
+    max_image_pixels: int = 89_478_485
+    max_caption_chars: int = 1_000
+    crop_fraction: float = 0.075
+    color_grid_size: int = 4
+
+    def __post_init__(self) -> None:
+        if int(self.max_image_pixels) < 1:
+            raise ValueError(
+                f"curation.index.max_image_pixels must be >= 1, got {self.max_image_pixels}; "
+                "set it to the largest image (in pixels) you accept, e.g. 89478485"
+            )
+        if int(self.max_caption_chars) < 1:
+            raise ValueError(
+                f"curation.index.max_caption_chars must be >= 1, got {self.max_caption_chars}; "
+                "set a positive length cap, e.g. 1000"
+            )
+        if not 0.0 <= float(self.crop_fraction) < 0.5:
+            raise ValueError(
+                f"curation.index.crop_fraction must be in [0, 0.5), got {self.crop_fraction}; "
+                "it is the border cut before the crop hashes, e.g. 0.075 (0 disables them)"
+            )
+        if not 1 <= int(self.color_grid_size) <= 16:
+            raise ValueError(
+                f"curation.index.color_grid_size must be in [1, 16] cells, got "
+                f"{self.color_grid_size}; 4 keeps 48 bytes per sample"
+            )
+
+
+class DecodeError(Exception):
+    """A sample's image cannot be decoded; ``str(exc)`` is the ``reject_detail``."""
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Set Pillow's decompression-bomb limit and turn its warning into an error, then restore."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _wide_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale scaled to 8 bits (Pillow would clip instead)."""
+    arr = np.asarray(image).astype(np.float64)
+    finite = arr[np.isfinite(arr)]
+    top = float(finite.max()) if finite.size else 0.0
+    if image.mode == "F":
+        low = float(finite.min()) if finite.size else 0.0
+        scale = 255.0 / (top - low) if top > low else 0.0
+        arr = (arr - low) * scale
+    elif top > 255:
+        arr = arr * (255.0 / (65535.0 if top <= 65535 else top))
+    arr = np.nan_to_num(arr, nan=0.0)
+    grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB: transparency composited on white, wide greyscale rescaled."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode in ("P", "L", "RGB") and "transparency" in image.info
+    ):
+        return _on_white(image)
+    if mode.startswith("I") or mode == "F":
+        return _wide_to_rgb(image)
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise DecodeError(f"unsupported image mode {mode}: {exc}") from exc
+
+
+_MAGIC = (
+    (b"\xff\xd8", "jpeg"),
+    (b"\x89PNG", "png"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+
+
+def sniff_format(data: bytes) -> str:
+    """The image format its magic bytes announce ("image" when unknown), for error messages."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    return "image"
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes to an upright RGB image (EXIF orientation applied, first frame).
+
+    Raises ``DecodeError`` whose message names what is wrong: "zero-byte image", "cannot identify
+    image", "decompression bomb N px", "truncated jpeg: ...". ``max_pixels`` is Pillow's
+    decompression-bomb limit for this call (None: the current ``Image.MAX_IMAGE_PIXELS``); it is
+    set and restored around the decode only, never across a generator's ``yield``.
+    """
+    if len(data) == 0:
+        raise DecodeError("zero-byte image")
+    guard = pixel_limit(max_pixels) if max_pixels is not None else contextlib.nullcontext()
+    fmt = sniff_format(data)
+    try:
+        with guard:
+            image = Image.open(io.BytesIO(data))
+            fmt = (image.format or fmt).lower()
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and image.width * image.height > limit:
+                raise DecodeError(f"decompression bomb {image.width * image.height} px")
+            image.seek(0)
+            image.load()
+            try:
+                upright = ImageOps.exif_transpose(image)
+            except Exception:  # noqa: BLE001 - a broken EXIF block must not reject a good image
+                upright = image
+            return to_rgb(upright if upright is not None else image)
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        match = _BOMB_PIXELS.search(str(exc))
+        pixels = match.group(1) if match else "?"
+        raise DecodeError(f"decompression bomb {pixels} px") from exc
+    except UnidentifiedImageError as exc:
+        raise DecodeError("cannot identify image") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        message = str(exc) or type(exc).__name__
+        if "truncated" in message.lower() or isinstance(exc, EOFError):
+            raise DecodeError(f"truncated {fmt}: {message}") from exc
+        raise DecodeError(f"broken {fmt}: {message}") from exc
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupt sample, never a crash
+        raise DecodeError(f"broken {fmt}: {type(exc).__name__}: {exc}") from exc
+
+
+def perceptual_hash(image: Image.Image, hash_size: int = 8, highfreq_factor: int = 4) -> int:
+    """64-bit pHash: DCT of a 32x32 greyscale copy, low 8x8 block compared with its median."""
+    size = hash_size * highfreq_factor
+    grey = image.convert("L").resize((size, size), Image.Resampling.LANCZOS)
+    pixels = np.asarray(grey, dtype=np.float64)
+    dct = scipy.fft.dct(scipy.fft.dct(pixels, axis=0), axis=1)
+    low = dct[:hash_size, :hash_size]
+    bits = (low > np.median(low)).ravel()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def crop_hashes(image: Image.Image, fraction: float) -> list[int]:
+    """pHashes of five crops that cut ``fraction`` of each side: four corners and the centre.
+
+    A copy cropped by a few percent and scaled back hashes close to one of these, while its
+    full-image pHash can be far from the original's.
+    """
+    if fraction <= 0:
+        return []
+    width, height = image.size
+    cut_w, cut_h = fraction * width, fraction * height
+    keep_w, keep_h = width - cut_w, height - cut_h
+    origins = ((0, 0), (cut_w, 0), (0, cut_h), (cut_w, cut_h), (cut_w / 2, cut_h / 2))
+    return [
+        perceptual_hash(
+            image.crop((x, y, x + keep_w, y + keep_h)).resize(
+                (width, height), Image.Resampling.BICUBIC
+            )
+        )
+        for x, y in origins
+    ]
+
+
+def color_grid(image: Image.Image, size: int = 4) -> bytes:
+    """Mean colour of each cell of a ``size`` x ``size`` grid, as ``size*size*3`` bytes.
+
+    A near copy keeps its colours where a different picture with the same shapes does not, so
+    this separates pHash matches that are true copies from look-alikes.
+    """
+    small = image.convert("RGB").resize((size, size), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.uint8).tobytes()
+
+
+def pixel_sha256(image: Image.Image) -> str:
+    """sha256 of the decoded RGB pixels (with the size), equal for lossless re-encodes."""
+    arr = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+    digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def default_uid(shard: str, key: str) -> str:
+    """Deterministic uid of a sample without one: sha256 of ``shard/key``, 32 hex characters."""
+    return hashlib.sha256(f"{shard}/{key}".encode()).hexdigest()[:32]
+
+
+def sample_caption(sample: Sample, max_chars: int) -> tuple[str | None, str | None]:
+    """``(caption, None)`` or ``(None, why)`` for a missing, empty or non-UTF-8 ``.txt``."""
+    value = sample.get("txt")
+    if value is None:
+        return None, "no caption member"
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return None, f"caption is not valid UTF-8: {exc.reason} at byte {exc.start}"
+    text = " ".join(text.split())
+    if not text:
+        return None, "empty caption"
+    return text[:max_chars], None
+
+
+def _error_detail(error: str) -> str:
+    if error == "duplicate_key":
+        return "duplicate key in shard"
+    if error.startswith("truncated_tar"):
+        return "truncated tar" + error[len("truncated_tar") :]
+    return error
+
+
+def index_sample(
+    sample: Sample, position: int, shard: str, cfg: IndexConfig
+) -> tuple[dict[str, Any], Image.Image | None]:
+    """One index row for a sample, plus its decoded RGB image (None when it is rejected corrupt)."""
+    key = str(sample.get("__key__", f"#{position}"))
+    meta = sample_json(sample)
+    raw_uid = meta.get("uid")
+    uid = str(raw_uid) if isinstance(raw_uid, str | int) and str(raw_uid) else default_uid(shard, key)
+    row: dict[str, Any] = {
+        "uid": uid,
+        "shard": shard,
+        "key": key,
+        "position": position,
+        "width": None,
+        "height": None,
+        "sha256_bytes": None,
+        "sha256_pixels": None,
+        "phash": None,
+        "phash_crops": None,
+        "color_grid": None,
+        "caption": None,
+        "reject_reason": None,
+        "reject_detail": None,
+    }
+    error = sample.get(ERROR_KEY)
+    if error:
+        row.update(reject_reason=CORRUPT, reject_detail=_error_detail(str(error)))
+        return row, None
+    found = image_bytes(sample)
+    if found is None:
+        row.update(reject_reason=CORRUPT, reject_detail="no image member")
+        return row, None
+    data = found[1]
+    row["sha256_bytes"] = hashlib.sha256(data).hexdigest()
+    try:
+        image = decode_image(data, cfg.max_image_pixels)
+    except DecodeError as exc:
+        row.update(reject_reason=CORRUPT, reject_detail=str(exc))
+        return row, None
+    row.update(
+        width=image.width,
+        height=image.height,
+        sha256_pixels=pixel_sha256(image),
+        phash=perceptual_hash(image),
+        phash_crops=crop_hashes(image, cfg.crop_fraction),
+        color_grid=color_grid(image, cfg.color_grid_size),
+    )
+    caption, why = sample_caption(sample, cfg.max_caption_chars)
+    row["caption"] = caption
+    if caption is None:
+        row.update(reject_reason=NO_CAPTION, reject_detail=why)
+    return row, image
+
+
+def index_records(
+    samples: Iterable[Sample], shard: str, cfg: IndexConfig
+) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
+    """Index rows and decoded images of one shard's samples, in shard order, never raising."""
+    for position, sample in enumerate(samples):
+        try:
+            yield index_sample(sample, position, shard, cfg)
+        except Exception as exc:  # noqa: BLE001 - one bad record never stops the run
+            key = str(sample.get("__key__", f"#{position}"))
+            logger.warning("sample %s/%s could not be indexed: %s", shard, key, exc)
+            row = {name: None for name in INDEX_SCHEMA}
+            row.update(
+                uid=default_uid(shard, key),
+                shard=shard,
+                key=key,
+                position=position,
+                reject_reason=CORRUPT,
+                reject_detail=f"unreadable sample: {type(exc).__name__}: {exc}",
+            )
+            yield row, None
+
+
+def index_shard(samples: Iterable[Sample], shard: str, cfg: IndexConfig) -> pl.DataFrame:
+    """The index table of one shard (images are decoded and dropped right away)."""
+    rows = [row for row, _ in index_records(samples, shard, cfg)]
+    return pl.DataFrame(rows, schema=INDEX_SCHEMA, orient="row") if rows else empty_index()
+
+
+def empty_index() -> pl.DataFrame:
+    """An index table with no rows and the full schema."""
+    return pl.DataFrame(schema=INDEX_SCHEMA)
+
+
+def shard_name(sample_or_path: Sample | str) -> str:
+    """The shard file name a sample came from, or of a shard path."""
+    if isinstance(sample_or_path, dict):
+        return str(sample_or_path.get(SHARD_KEY, ""))
+    return str(sample_or_path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def decode_selected(
+    shards: ShardSet, table: pl.DataFrame, cfg: IndexConfig
+) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
+    """Decoded images of the rows of ``table`` (columns shard, position, key, ...), shard by shard.
+
+    Yields ``(row, image)`` in shard order; ``image`` is None when the bytes no longer decode.
+    Only one shard's wanted rows are held at a time. Raises ValueError when a sample's key is
+    not the one the table recorded (the shards changed since the index was built).
+    """
+    if table.height == 0:
+        return
+    groups = table.partition_by("shard", as_dict=True, maintain_order=True)
+    wanted_shards = {key[0] for key in groups}
+    by_name = {shard_name(path): path for path in shards.shards}
+    missing = sorted(wanted_shards - set(by_name))
+    if missing:
+        raise ValueError(
+            f"shards {missing[:3]} of the index are not in {shards.path}; the pool changed "
+            "since pool_index was built: re-run build_pool_index"
+        )
+    for name, path in by_name.items():
+        group = groups.get((name,))
+        if group is None:
+            continue
+        wanted = {int(row["position"]): row for row in group.iter_rows(named=True)}
+        last = max(wanted)
+        for position, sample in enumerate(shards.iter_shard(path)):
+            row = wanted.get(position)
+            if row is not None:
+                if str(sample.get("__key__")) != row.get("key", sample.get("__key__")):
+                    raise ValueError(
+                        f"{name} position {position} holds key {sample.get('__key__')!r}, "
+                        f"the index says {row.get('key')!r}: the pool changed since "
+                        "pool_index was built; re-run build_pool_index"
+                    )
+                found = image_bytes(sample)
+                image = None
+                if found is not None:
+                    try:
+                        image = decode_image(found[1], cfg.max_image_pixels)
+                    except DecodeError:
+                        image = None
+                yield row, image
+            if position >= last:
+                break
+
+
+def mark_duplicate_uids(index: pl.DataFrame) -> pl.DataFrame:
+    """Give every repeat of a uid already seen a deterministic uid of its own, so that ``uid`` is
+    a key of every table downstream, and reject it (``corrupt``, "duplicate uid") unless an
+    earlier reason already rejects it."""
+    repeat = pl.col("uid").cum_count().over("uid") > 1
+    if not index.select(repeat.any()).item():
+        return index
+    fresh = [
+        default_uid(shard, f"{key}#{position}")
+        for shard, key, position in index.select("shard", "key", "position").iter_rows()
+    ]
+    newly = repeat & pl.col("reject_reason").is_null()
+    return index.with_columns(
+        pl.when(newly)
+        .then(pl.lit("duplicate uid ") + pl.col("uid"))
+        .otherwise(pl.col("reject_detail"))
+        .alias("reject_detail"),
+        pl.when(newly).then(pl.lit(CORRUPT)).otherwise(pl.col("reject_reason")).alias("reject_reason"),
+        pl.when(repeat).then(pl.Series(fresh)).otherwise(pl.col("uid")).alias("uid"),
+    )
+
+
+def build_index(
+    shards: ShardSet, cfg: IndexConfig, progress: bool = True
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Index every shard of a pool, one shard at a time; return the table and a summary."""
+    start = time.perf_counter()
+    frames = []
+    bar = tqdm(shards.shards, desc="index shards", unit="shard", disable=not progress)
+    for path in bar:
+        frames.append(index_shard(shards.iter_shard(path), shard_name(path), cfg))
+    index = pl.concat(frames, how="vertical") if frames else empty_index()
+    index = mark_duplicate_uids(index)
+    reasons = dict(
+        index.group_by("reject_reason").len().drop_nulls("reject_reason").iter_rows()
+    )
+    summary = {
+        "shards": len(shards.shards),
+        "samples": index.height,
+        "valid": index.height - sum(reasons.values()),
+        "rejected": reasons,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return index, summary
+
+
+__all__ = [
+    "CORRUPT",
+    "NO_CAPTION",
+    "INDEX_SCHEMA",
+    "DecodeError",
+    "IndexConfig",
+    "build_index",
+    "color_grid",
+    "crop_hashes",
+    "decode_image",
+    "decode_selected",
+    "default_uid",
+    "empty_index",
+    "index_records",
+    "index_sample",
+    "index_shard",
+    "mark_duplicate_uids",
+    "perceptual_hash",
+    "pixel_limit",
+    "pixel_sha256",
+    "sample_caption",
+    "shard_name",
+    "sniff_format",
+    "to_rgb",
+]

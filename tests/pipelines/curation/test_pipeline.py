@@ -1,0 +1,363 @@
+"""The curation pipeline: structure, parameters, a tiny run, and the targets on the real sample."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+from kedro.config import OmegaConfigLoader
+from kedro.io import DataCatalog
+from kedro.runner import SequentialRunner
+from PIL import Image
+
+from aim_kedro.curation.blur import grown_boxes, resize_shorter_side, scale_boxes
+from aim_kedro.curation.faces import box_iou, make_detector
+from aim_kedro.curation.index import decode_image
+from aim_kedro.curation.shards import ShardSet, image_bytes, sample_json, write_shards
+from aim_kedro.pipelines.curation import create_pipeline
+from aim_kedro.pipelines.curation.nodes import (
+    detect_faces_node,
+    validate_curation_params,
+    write_dfn_subset,
+)
+
+PROJECT = Path(__file__).resolve().parents[3]
+PARAMS = yaml.safe_load((PROJECT / "conf/base/parameters_curation.yml").read_text())["curation"]
+NODE_ORDER = [
+    "build_pool_index",
+    "train_filter_network",
+    "score_pool",
+    "apply_filters",
+    "deduplicate",
+    "build_pool_manifest",
+    "detect_faces",
+    "write_dfn_subset",
+    "report_curation",
+    "plot_curation",
+]
+INPUTS = {"raw_pool", "trusted_pairs", "probe_test", "sample_truth"}
+TINY_NETWORK = {
+    "embed_dim": 16, "image_size": 32, "vision_width": 8, "vision_head_width": 64,
+    "text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16,
+    "steps": 2, "batch_size": 8,
+}
+
+
+def _catalog_entries() -> dict[str, Any]:
+    return OmegaConfigLoader(str(PROJECT / "conf"), base_env="base", default_run_env="local")[
+        "catalog"
+    ]
+
+
+def test_node_names_are_stable_and_in_data_order() -> None:
+    pipe = create_pipeline()
+    assert [n.name for n in pipe.nodes] == NODE_ORDER
+    assert all("curation" in n.tags for n in pipe.nodes)
+    assert pipe.inputs() == INPUTS | {"params:curation"}
+    assert set(pipe.from_nodes("deduplicate").nodes) >= {
+        n for n in pipe.nodes if n.name in ("write_dfn_subset", "plot_curation")
+    }
+
+
+def test_every_output_is_a_versioned_catalog_entry() -> None:
+    entries = _catalog_entries()
+    for name in create_pipeline().all_outputs():
+        assert name in entries, f"{name} has no catalog entry"
+        assert entries[name].get("versioned") is True, f"{name} is not versioned"
+    assert INPUTS <= set(entries)
+    assert entries["curation_funnel_plot"]["type"] == "matplotlib.MatplotlibDataset"
+    assert entries["filter_network"]["type"] == "aim_kedro.datasets.AIMCheckpointDataset"
+
+
+def test_parameters_validate_and_name_the_fix() -> None:
+    cfg = validate_curation_params(PARAMS)
+    assert 0 < cfg.filters.keep_fraction <= 1 and cfg.subset.shorter_side == 48
+    for fraction in (0, 1.2):
+        bad = copy.deepcopy(PARAMS)
+        bad["filters"]["keep_fraction"] = fraction
+        with pytest.raises(ValueError, match=r"curation\.filters\.keep_fraction.*e\.g\. 0\.15"):
+            validate_curation_params(bad)
+    with pytest.raises(ValueError, match="unknown curation parameter"):
+        validate_curation_params({**PARAMS, "filtres": {}})
+    with pytest.raises(ValueError, match="curation.scoring.model_name is required"):
+        validate_curation_params({**PARAMS, "scoring": {"model": "open_clip"}})
+    with pytest.raises(ValueError, match="curation.faces.detector"):
+        validate_curation_params({**PARAMS, "faces": {"detector": {"kind": "magic"}}})
+    with pytest.raises(ValueError, match="curation.filter_network.epochs"):
+        validate_curation_params({**PARAMS, "filter_network": {"epochs": 0}})
+
+
+# --- a tiny synthetic pool, run through the whole pipeline on the real catalog types ---------
+
+
+def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _picture(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+        (64, 64), Image.Resampling.BICUBIC
+    )
+
+
+def _tiny_inputs(root: Path) -> dict[str, str]:
+    probe = [
+        {"__key__": f"p{i}", "png": _png(_picture(100 + i)), "cls": str(i),
+         "json": {"eval_id": f"digits-{i:04d}", "label": i}}
+        for i in range(4)
+    ]
+    pool = [
+        {"__key__": f"k{i:03d}", "png": _png(_picture(i)), "txt": f"picture number {i}",
+         "json": {"uid": f"uid{i:03d}", "source": "test"}}
+        for i in range(20)
+    ]
+    pool.append({"__key__": "copy", "png": pool[3]["png"], "txt": "picture number 3",
+                 "json": {"uid": "copy", "source": "test"}})
+    pool.append({"__key__": "leak", "png": probe[1]["png"], "txt": "a leaked digit",
+                 "json": {"uid": "leak", "source": "test"}})
+    pool.append({"__key__": "broken", "png": b"not a png", "txt": "broken image",
+                 "json": {"uid": "broken", "source": "test"}})
+    pool.append({"__key__": "mute", "png": _png(_picture(50)), "json": {"uid": "mute"}})
+    trusted = [
+        {"__key__": f"t{i}", "png": _png(_picture(200 + i)), "txt": f"trusted picture {i}"}
+        for i in range(16)
+    ]
+    paths = {}
+    for name, samples, per_shard in (("raw_pool", pool, 6), ("probe_test", probe, 10),
+                                     ("trusted_pairs", trusted, 10)):
+        folder = root / name
+        write_shards(samples, str(folder), samples_per_shard=per_shard)
+        paths[name] = str(folder)
+    return paths
+
+
+def _catalog(tmp_path: Path, inputs: dict[str, str], truth: str | None = None) -> DataCatalog:
+    entries = _catalog_entries()
+    conf: dict[str, Any] = {}
+    for name in create_pipeline().all_outputs():
+        entry = dict(entries[name])
+        entry["filepath"] = str(tmp_path / "data" / entry["filepath"])
+        conf[name] = entry
+    for name in ("raw_pool", "probe_test", "trusted_pairs"):
+        conf[name] = {"type": "aim_kedro.datasets.WebDatasetShards", "filepath": inputs[name]}
+    catalog = DataCatalog.from_config(conf)
+    catalog["sample_truth"] = pl.read_parquet(truth) if truth else None
+    return catalog
+
+
+def test_tiny_pool_runs_end_to_end(tmp_path: Path) -> None:
+    params = copy.deepcopy(PARAMS)
+    params.update(progress=False, filter_network={**TINY_NETWORK})
+    params["filters"].update(keep_fraction=0.5, min_shorter_side=32)
+    inputs = _tiny_inputs(tmp_path / "inputs")
+    catalog = _catalog(tmp_path, inputs)
+    catalog["params:curation"] = params
+    SequentialRunner().run(create_pipeline(), catalog)
+
+    manifest = catalog.load("pool_manifest")
+    reasons = dict(zip(manifest["uid"], manifest["reject_reason"], strict=True))
+    assert manifest.height == 24 == int(manifest["kept"].sum()) + int(
+        manifest["reject_reason"].is_not_null().sum()
+    )
+    assert reasons["broken"] == "corrupt" and reasons["mute"] == "no_caption"
+    assert reasons["leak"] == "eval_leak"
+    assert [reasons["copy"], reasons["uid003"]].count("duplicate") == 1
+    clusters = dict(zip(manifest["uid"], manifest["dedup_cluster"], strict=True))
+    assert clusters["copy"] is not None and clusters["copy"] == clusters["uid003"]
+    candidates = manifest.filter(
+        pl.col("kept") | (pl.col("reject_reason") == "low_clip_score")
+    ).height
+    assert int(manifest["kept"].sum()) == int(np.ceil(0.5 * candidates))
+
+    subset = catalog.load("dfn_subset")
+    written = {sample_json(s)["uid"]: s for s in subset}
+    kept = set(manifest.filter(pl.col("kept"))["uid"])
+    assert set(written) == kept == set(catalog.load("dfn_manifest")["uid"])
+    sample = next(iter(written.values()))
+    assert min(Image.open(io.BytesIO(sample["png"])).size) == 48
+    assert sample["txt"].decode().startswith("picture number")
+
+    report = catalog.load("curation_report")
+    assert report["funnel"]["input"] == 24 and report["truth"] is None
+    assert report["funnel"]["kept"] == len(kept)
+    assert set(report["seconds"]) == {n for n in NODE_ORDER if n not in (
+        "report_curation", "plot_curation")}
+    assert report["subset"]["written"] == len(kept)
+    assert catalog.load("clip_embeddings")["image_emb"].dtype == pl.Array(pl.Float16, 16)
+
+
+def test_open_clip_scoring_skips_the_filter_network(tmp_path: Path) -> None:
+    from aim_kedro.pipelines.curation.nodes import train_filter_network_node
+
+    params = {**copy.deepcopy(PARAMS), "scoring": {"model": "open_clip", "model_name": "RN50"}}
+    pool = ShardSet.open(_tiny_inputs(tmp_path)["trusted_pairs"])
+    out = train_filter_network_node(pool, params)
+    assert out["state_dict"] == {} and out["metadata"]["skipped"] is True
+
+
+# --- the real sample: the issue's targets -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory) -> Path:
+    """The sample and curation pipelines, run with the project's conf/base catalog and
+    parameters (every file written under a temporary project root) by a SequentialRunner."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(PROJECT / "conf" / "base", root / "conf" / "base")
+    (root / "conf" / "local").mkdir()
+    loader = OmegaConfigLoader(str(root / "conf"), base_env="base", default_run_env="local")
+    entries = loader["catalog"]
+    for entry in entries.values():
+        if "filepath" in entry:
+            entry["filepath"] = str(root / entry["filepath"])
+    parameters = loader["parameters"]
+    parameters["curation"]["progress"] = False
+    catalog = DataCatalog.from_config(entries)
+    for name in ("sample", "curation"):
+        catalog[f"params:{name}"] = parameters[name]
+    from aim_kedro.pipelines.sample import create_pipeline as sample_pipeline
+
+    SequentialRunner().run(sample_pipeline(), catalog)
+    SequentialRunner().run(create_pipeline(), catalog)
+    return root
+
+
+def _latest(root: Path, relative: str) -> Path:
+    folder = root / relative
+    version = sorted(p for p in folder.iterdir() if not p.name.startswith("."))[-1]
+    return version / folder.name
+
+
+def _report(root: Path) -> dict[str, Any]:
+    return json.loads(_latest(root, "data/08_reporting/curation_report.json").read_text())
+
+
+@pytest.mark.slow
+def test_sample_targets_are_met(sample_run: Path) -> None:
+    report = _report(sample_run)
+    logging.getLogger(__name__).info("curation report: %s", json.dumps(report))
+    manifest = pl.read_parquet(_latest(sample_run, "data/03_primary/pool_manifest.parquet"))
+    truth = pl.read_parquet(_latest(sample_run, "data/01_raw/sample_truth.parquet"))
+    joined = manifest.join(truth, on="uid", how="left")
+    assert joined["kind"].null_count() == 0
+    assert manifest.height == truth.height == int(manifest["kept"].sum()) + int(
+        manifest["reject_reason"].is_not_null().sum()
+    )
+    kept = set(manifest.filter(pl.col("kept"))["uid"])
+    cluster = dict(zip(manifest["uid"], manifest["dedup_cluster"], strict=True))
+
+    # every exact duplicate found with its source, never kept twice
+    for uid, source in joined.filter(pl.col("kind") == "exact_duplicate").select(
+        "uid", "source_uid"
+    ).iter_rows():
+        assert cluster[uid] is not None and cluster[uid] == cluster[source]
+        assert not (uid in kept and source in kept)
+    # every eval leak removed
+    leaks = joined.filter(pl.col("kind") == "eval_leak")
+    assert leaks.height and not set(leaks["uid"]) & kept
+    assert (leaks["reject_reason"] == "eval_leak").all()
+    # near duplicates: >= 90 % found, <= 2 % of clean samples removed as duplicates
+    truth_metrics = report["truth"]
+    assert truth_metrics["near_duplicate"]["detection_recall"] >= 0.9
+    assert truth_metrics["near_duplicate"]["removed_fraction"] >= 0.9
+    assert truth_metrics["duplicate_stage"]["clean_removed_as_duplicate_fraction"] <= 0.02
+    # every corrupt record rejected with its reason
+    corrupt = joined.filter(pl.col("kind") == "corrupt")
+    expected = corrupt.select(
+        pl.when(pl.col("variant") == "no_caption").then(pl.lit("no_caption"))
+        .otherwise(pl.lit("corrupt"))
+    ).to_series()
+    assert (corrupt["reject_reason"] == expected).all()
+    assert corrupt["reject_detail"].null_count() == 0
+    # the trained filtering network separates wrong captions
+    assert truth_metrics["wrong_caption"]["roc_auc_clip_score_vs_clean"] >= 0.9
+    assert report["funnel"]["kept"] == len(kept) > 0.3 * manifest.height
+
+
+def _assert_blurred(uid: str, original: Image.Image, out: Image.Image, detector: Any) -> None:
+    """The face the detector finds in ``original`` is not found at that place in ``out``, and
+    ``out`` equals the plain resize of ``original`` outside the grown face boxes."""
+    found = detector.detect(original)
+    assert found, f"face image {uid} reached dfn_subset without a detected face"
+    out_boxes = scale_boxes(found, original.size, out.size)
+    for box in detector.detect(out):
+        assert all(box_iou(box, b) < 0.3 for b in out_boxes), f"{uid}: face still found"
+    plain = np.asarray(resize_shorter_side(original, min(out.size)), dtype=np.int16)
+    blurred = np.asarray(out, dtype=np.int16)
+    outside = np.ones(blurred.shape[:2], dtype=bool)
+    grown = grown_boxes(found, original.size, PARAMS["subset"]["blur_grow"])
+    for x0, y0, x1, y1 in scale_boxes(grown, original.size, out.size):
+        # the resize kernel mixes pixels up to ~2 output px across the box edge
+        outside[max(0, y0 - 3) : y1 + 3, max(0, x0 - 3) : x1 + 3] = False
+    assert np.array_equal(plain[outside], blurred[outside]), f"{uid}: changed outside the face"
+    assert np.abs(plain[~outside] - blurred[~outside]).mean() > 1.0, f"{uid}: not blurred"
+
+
+def _originals(raw: ShardSet, uids: set[str]) -> dict[str, Image.Image]:
+    out = {}
+    for sample in raw:
+        uid = sample_json(sample).get("uid")
+        if uid in uids:
+            out[uid] = decode_image(image_bytes(sample)[1])
+    return out
+
+
+@pytest.mark.slow
+def test_faces_in_the_subset_are_blurred(sample_run: Path) -> None:
+    detector = make_detector(**validate_curation_params(PARAMS).faces)
+    dfn = pl.read_parquet(_latest(sample_run, "data/05_model_input/dfn_manifest.parquet"))
+    truth = pl.read_parquet(_latest(sample_run, "data/01_raw/sample_truth.parquet"))
+    face_uids = set(truth.filter(pl.col("kind") == "face")["uid"])
+    kept_faces = face_uids & set(dfn["uid"])
+    assert kept_faces, "no face image reached dfn_subset: nothing to check"
+    raw = ShardSet.open(str(_latest(sample_run, "data/01_raw/raw_pool")))
+    originals = _originals(raw, kept_faces)
+    subset = {sample_json(s)["uid"]: s for s in ShardSet.open(
+        str(_latest(sample_run, "data/05_model_input/dfn_subset")))}
+    for uid in kept_faces:
+        _assert_blurred(uid, originals[uid], decode_image(subset[uid]["png"]), detector)
+
+
+@pytest.mark.slow
+def test_every_sample_face_would_be_blurred(sample_run: Path) -> None:
+    """The score cut keeps few faces (trusted_pairs has no face captions), so the face nodes
+    also run on every face image of the sample, as if all were kept."""
+    params = {**copy.deepcopy(PARAMS), "progress": False}
+    detector = make_detector(**validate_curation_params(params).faces)
+    truth = pl.read_parquet(_latest(sample_run, "data/01_raw/sample_truth.parquet"))
+    face_uids = set(truth.filter(pl.col("kind") == "face")["uid"])
+    manifest = pl.read_parquet(_latest(sample_run, "data/03_primary/pool_manifest.parquet"))
+    as_kept = manifest.with_columns(kept=pl.col("uid").is_in(list(face_uids)))
+    index = pl.read_parquet(_latest(sample_run, "data/02_intermediate/pool_index.parquet"))
+    scores = pl.read_parquet(_latest(sample_run, "data/04_feature/clip_scores.parquet"))
+    raw = ShardSet.open(str(_latest(sample_run, "data/01_raw/raw_pool")))
+    faces, stats = detect_faces_node(raw, as_kept, params)
+    assert stats["images"] == len(face_uids) and stats["images_with_faces"] >= 0.9 * len(face_uids)
+    samples, dfn, _ = write_dfn_subset(raw, as_kept, index, scores, faces, params)
+    written = {sample_json(s)["uid"]: s for s in samples}
+    originals = _originals(raw, face_uids)
+    detected = set(faces.filter(pl.col("face_count") > 0)["uid"])
+    for uid in detected:
+        _assert_blurred(uid, originals[uid], decode_image(written[uid]["png"]), detector)
+    assert set(dfn["uid"]) == face_uids
+
+
+@pytest.mark.slow
+def test_report_plots_and_stats_are_written(sample_run: Path) -> None:
+    report = _report(sample_run)
+    assert all(v is not None for v in report["seconds"].values())
+    for name in ("curation_funnel.png", "curation_score_histogram.png", "curation_thumbnails.png"):
+        image = Image.open(_latest(sample_run, f"data/08_reporting/{name}"))
+        assert image.size[0] > 200
