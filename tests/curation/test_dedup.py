@@ -179,8 +179,8 @@ def test_embedding_rule_and_undecodable_rows() -> None:
 def test_hash_arrays_read_the_index_columns() -> None:
     pool = _pool([("a", _encode(_picture(1)), 0.5, True)])
     arrays = HashArrays.from_table(pool)
-    assert arrays.codes.shape == (1, 8) and arrays.crop_codes.shape == (5, 8)
-    assert arrays.crop_owner.tolist() == [0] * 5 and arrays.grids.shape == (1, 48)
+    assert arrays.codes.shape == (1, 8) and arrays.crop_codes.shape == (10, 8)
+    assert arrays.crop_owner.tolist() == [0] * 10 and arrays.grids.shape == (1, 48)
 
 
 def test_config_is_validated() -> None:

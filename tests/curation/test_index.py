@@ -124,8 +124,8 @@ def test_perceptual_hash_is_robust_and_discriminative() -> None:
 def test_crop_hashes_catch_a_cropped_copy() -> None:
     image = _photo(3)
     cropped = image.crop((5, 5, 64, 64)).resize((64, 64), Image.Resampling.BICUBIC)
-    assert len(crop_hashes(image, 0.075)) == 5 and crop_hashes(image, 0.0) == []
-    best = min(_hamming(h, perceptual_hash(cropped)) for h in crop_hashes(image, 0.075))
+    assert len(crop_hashes(image, [0.05, 0.1])) == 10 and crop_hashes(image, []) == []
+    best = min(_hamming(h, perceptual_hash(cropped)) for h in crop_hashes(image, [0.075]))
     assert best <= 6
 
 
@@ -163,7 +163,7 @@ def test_build_index_records_every_sample_and_why(tmp_path: Path) -> None:
     rows = {r["key"]: r for r in index.iter_rows(named=True)}
     assert rows["a"]["reject_reason"] is None and rows["a"]["uid"] == "u-a"
     assert rows["a"]["width"] == 64 and rows["a"]["phash"] is not None
-    assert len(rows["a"]["phash_crops"]) == 5 and len(rows["a"]["color_grid"]) == 48
+    assert len(rows["a"]["phash_crops"]) == 10 and len(rows["a"]["color_grid"]) == 48
     assert rows["b"]["uid"] == default_uid("s0-000000.tar", "b") and len(rows["b"]["uid"]) == 32
     assert rows["b"]["caption"] == "spaced wor"  # whitespace folded, capped at 10 chars
     assert rows["c"]["reject_reason"] == "corrupt"
@@ -245,5 +245,6 @@ def test_index_holds_one_shard_at_a_time(tmp_path: Path) -> None:
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="curation.index.max_image_pixels"):
         IndexConfig(max_image_pixels=0)
-    with pytest.raises(ValueError, match="curation.index.crop_fraction"):
-        IndexConfig(crop_fraction=0.6)
+    with pytest.raises(ValueError, match="curation.index.crop_fractions"):
+        IndexConfig(crop_fractions=[0.05, 0.6])
+    assert IndexConfig(crop_fractions=[0.05]).crop_fractions == (0.05,)

@@ -70,12 +70,12 @@ class DedupConfig:
 
     exact: bool = True
     phash_radius: int | None = 4
-    crop_phash_radius: int | None = 6
+    crop_phash_radius: int | None = 4
     max_color_distance: float | None = 15.0
     embedding_threshold: float | None = None
     eval_exact: bool = True
     eval_phash_radius: int | None = 6
-    eval_crop_phash_radius: int | None = 6
+    eval_crop_phash_radius: int | None = 4
     eval_max_color_distance: float | None = 15.0
     eval_embedding_threshold: float | None = None
 
@@ -531,7 +531,7 @@ def eval_records(
         row.update(
             sha256_pixels=pixel_sha256(image),
             phash=perceptual_hash(image),
-            phash_crops=crop_hashes(image, cfg.crop_fraction),
+            phash_crops=crop_hashes(image, cfg.crop_fractions),
             color_grid=color_grid(image, cfg.color_grid_size),
         )
         yield row, image

@@ -64,7 +64,7 @@ class IndexConfig:
 
     max_image_pixels: int = 89_478_485
     max_caption_chars: int = 1_000
-    crop_fraction: float = 0.075
+    crop_fractions: tuple[float, ...] = (0.05, 0.1)
     color_grid_size: int = 4
 
     def __post_init__(self) -> None:
@@ -78,11 +78,13 @@ class IndexConfig:
                 f"curation.index.max_caption_chars must be >= 1, got {self.max_caption_chars}; "
                 "set a positive length cap, e.g. 1000"
             )
-        if not 0.0 <= float(self.crop_fraction) < 0.5:
+        fractions = tuple(float(f) for f in self.crop_fractions or ())
+        if any(not 0.0 < f < 0.5 for f in fractions):
             raise ValueError(
-                f"curation.index.crop_fraction must be in [0, 0.5), got {self.crop_fraction}; "
-                "it is the border cut before the crop hashes, e.g. 0.075 (0 disables them)"
+                f"curation.index.crop_fractions must be border cuts in (0, 0.5), got "
+                f"{list(self.crop_fractions or ())}; e.g. [0.05, 0.1] ([] disables crop hashes)"
             )
+        object.__setattr__(self, "crop_fractions", fractions)
         if not 1 <= int(self.color_grid_size) <= 16:
             raise ValueError(
                 f"curation.index.color_grid_size must be in [1, 16] cells, got "
@@ -220,26 +222,22 @@ def perceptual_hash(image: Image.Image, hash_size: int = 8, highfreq_factor: int
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def crop_hashes(image: Image.Image, fraction: float) -> list[int]:
-    """pHashes of five crops that cut ``fraction`` of each side: four corners and the centre.
+def crop_hashes(image: Image.Image, fractions: Iterable[float]) -> list[int]:
+    """pHashes of crops that cut each ``fraction`` of the width and height: the four corner
+    crops and the centre crop per fraction, each scaled back to the full size.
 
     A copy cropped by a few percent and scaled back hashes close to one of these, while its
     full-image pHash can be far from the original's.
     """
-    if fraction <= 0:
-        return []
     width, height = image.size
-    cut_w, cut_h = fraction * width, fraction * height
-    keep_w, keep_h = width - cut_w, height - cut_h
-    origins = ((0, 0), (cut_w, 0), (0, cut_h), (cut_w, cut_h), (cut_w / 2, cut_h / 2))
-    return [
-        perceptual_hash(
-            image.crop((x, y, x + keep_w, y + keep_h)).resize(
-                (width, height), Image.Resampling.BICUBIC
-            )
-        )
-        for x, y in origins
-    ]
+    hashes = []
+    for fraction in fractions:
+        cut_w, cut_h = fraction * width, fraction * height
+        keep_w, keep_h = width - cut_w, height - cut_h
+        for x, y in ((0, 0), (cut_w, 0), (0, cut_h), (cut_w, cut_h), (cut_w / 2, cut_h / 2)):
+            crop = image.crop((x, y, x + keep_w, y + keep_h))
+            hashes.append(perceptual_hash(crop.resize((width, height), Image.Resampling.BICUBIC)))
+    return hashes
 
 
 def color_grid(image: Image.Image, size: int = 4) -> bytes:
@@ -335,7 +333,7 @@ def index_sample(
         height=image.height,
         sha256_pixels=pixel_sha256(image),
         phash=perceptual_hash(image),
-        phash_crops=crop_hashes(image, cfg.crop_fraction),
+        phash_crops=crop_hashes(image, cfg.crop_fractions),
         color_grid=color_grid(image, cfg.color_grid_size),
     )
     caption, why = sample_caption(sample, cfg.max_caption_chars)

@@ -300,14 +300,9 @@ def build_trusted_pairs(digit_indices: list[int], params: dict[str, Any], seed: 
     names = list(PHOTO_SOURCES)
     items += [render_photo(names[i % len(names)], size, rng) for i in range(n_photos)]
     # Faces too, or the filtering network never learns their captions and cuts every face from
-    # the subset: other crops of the portraits, and LFW faces pasted into other scenes.
+    # the subset: LFW faces pasted into other scenes at other places than in the pool.
     n_faces = int(trusted_params.get("faces", 100))
-    portraits = list(FACE_SOURCES)
-    for i in range(n_faces):
-        if i % 5 == 0:
-            items.append(render_face_photo(portraits[(i // 5) % len(portraits)], size, rng))
-        else:
-            items.append(render_pasted_face(int(rng.integers(len(lfw_faces()))), size, rng))
+    items += [render_pasted_face(int(rng.integers(len(lfw_faces()))), size, rng) for _ in range(n_faces)]
     pairs = []
     for i in rng.permutation(len(items)):
         r = items[int(i)]
