@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-import numpy as np
 import polars as pl
 from PIL import Image
 from tqdm.auto import tqdm
 
 from aim_kedro.curation.blur import blur_and_resize
-from aim_kedro.curation.faces import FaceDetector, box_iou, make_detector
+from aim_kedro.curation.faces import FaceDetector
 from aim_kedro.curation.index import IndexConfig, decode_selected
 from aim_kedro.curation.shards import Sample, ShardSet
 
@@ -79,63 +77,6 @@ class SubsetConfig:
                 f"unknown curation.subset parameter(s) {unknown}; valid keys: {sorted(known)}"
             )
         return cls(**values)
-
-
-def _unrotate(
-    box: tuple[float, float, float, float],
-    angle: float,
-    rotated_size: tuple[int, int],
-    size: tuple[int, int],
-) -> tuple[int, int, int, int] | None:
-    """The axis-aligned hull, in the original image, of a box found in a copy rotated by
-    ``angle`` degrees counter-clockwise with ``expand=True`` (None when it falls outside)."""
-    t = math.radians(angle)
-    cos, sin = math.cos(t), math.sin(t)
-    half_w, half_h = rotated_size[0] / 2, rotated_size[1] / 2
-    xs, ys = [], []
-    for x, y in ((box[0], box[1]), (box[2], box[1]), (box[0], box[3]), (box[2], box[3])):
-        dx, dy = x - half_w, y - half_h
-        xs.append(size[0] / 2 + cos * dx - sin * dy)
-        ys.append(size[1] / 2 + sin * dx + cos * dy)
-    x0, y0 = max(0, math.floor(min(xs))), max(0, math.floor(min(ys)))
-    x1, y1 = min(size[0], math.ceil(max(xs))), min(size[1], math.ceil(max(ys)))
-    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
-
-
-@dataclass
-class RotatedPassesDetector:
-    """A face detector run on the image and on copies rotated by each of ``angles`` degrees, so
-    that tilted faces are found too; boxes from a rotated copy are mapped back (their hull) and
-    dropped when they overlap a box already found (IoU > ``iou_threshold``)."""
-
-    detector: FaceDetector
-    angles: tuple[float, ...] = ()
-    iou_threshold: float = 0.3
-
-    def detect(self, image: Image.Image) -> list[tuple[int, int, int, int]]:
-        """Return ``(x0, y0, x1, y1)`` face boxes in ``image``'s pixels."""
-        boxes = [tuple(int(v) for v in b) for b in self.detector.detect(image)]
-        if not self.angles:
-            return boxes
-        rgb = image.convert("RGB")
-        fill = tuple(int(v) for v in np.asarray(rgb).reshape(-1, 3).mean(axis=0))
-        for angle in self.angles:
-            rotated = rgb.rotate(
-                angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=fill
-            )
-            for found in self.detector.detect(rotated):
-                box = _unrotate(tuple(float(v) for v in found), angle, rotated.size, rgb.size)
-                if box is not None and all(box_iou(box, b) <= self.iou_threshold for b in boxes):
-                    boxes.append(box)
-        return boxes
-
-
-def make_face_detector(
-    detector: Mapping[str, Any], rotations: Iterable[float] = ()
-) -> RotatedPassesDetector:
-    """The detector of ``curation.faces``: ``faces.make_detector(**detector)``, with extra
-    passes over copies rotated by each angle of ``rotations`` (degrees)."""
-    return RotatedPassesDetector(make_detector(**detector), tuple(float(a) for a in rotations))
 
 
 def encode_image(image: Image.Image, image_format: str, quality: int = 95) -> bytes:
@@ -263,11 +204,9 @@ def iter_subset(
 __all__ = [
     "FACE_SCHEMA",
     "IMAGE_FORMATS",
-    "RotatedPassesDetector",
     "SubsetConfig",
     "detect_faces",
     "encode_image",
     "iter_subset",
-    "make_face_detector",
     "subset_sample",
 ]
