@@ -1,6 +1,5 @@
 """A KedroSession runs the project's pipelines on a temporary copy of the project."""
 
-import shutil
 from pathlib import Path
 
 import polars as pl
@@ -8,7 +7,6 @@ import pytest
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-PROJECT = Path(__file__).resolve().parents[1]
 SMALL_SAMPLE = {
     "sample": {
         "counts": {"clean_digits": 30, "clean_photos": 20, "wrong_caption": 6, "exact_duplicate": 4,
@@ -19,20 +17,9 @@ SMALL_SAMPLE = {
 
 
 @pytest.fixture
-def project_copy(tmp_path: Path) -> Path:
-    """conf/, pyproject.toml and an empty data/ tree: the package itself is installed."""
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
-    (root / "src").mkdir()  # the package itself is installed (editable) in the venv
-    shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
-    for sub in ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input",
-                "06_models", "07_model_output", "08_reporting"):
-        (root / "data" / sub).mkdir(parents=True)
-    (root / "logs").mkdir()
-    return root
+def project_copy(tmp_path: Path, make_project_copy) -> Path:
+    """A temporary copy of the project (see tests/conftest.py)."""
+    return make_project_copy(tmp_path / "project")
 
 
 def test_sample_pipeline_runs_in_a_session_and_versions_its_outputs(project_copy: Path) -> None:

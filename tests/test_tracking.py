@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,26 +15,13 @@ from kedro.framework.startup import bootstrap_project
 
 from aim_kedro.tracking import MlflowTracking, is_tracked, metric_points
 
-PROJECT = Path(__file__).resolve().parents[1]
-DATA_LAYERS = ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input",
-               "06_models", "07_model_output", "08_reporting")
 FAST_NODE = {"pipeline_names": ["sample"], "node_names": ["build_probe_sets"]}
 
 
 @pytest.fixture
-def project_copy(tmp_path: Path) -> Path:
-    """conf/ (without local), pyproject.toml and empty data/: the package itself is installed."""
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
-    shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
-    (root / "src").mkdir()
-    (root / "logs").mkdir()
-    for layer in DATA_LAYERS:
-        (root / "data" / layer).mkdir(parents=True)
-    return root
+def project_copy(tmp_path: Path, make_project_copy) -> Path:
+    """A temporary copy of the project (see tests/conftest.py)."""
+    return make_project_copy(tmp_path / "project")
 
 
 @pytest.fixture

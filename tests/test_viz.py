@@ -22,8 +22,6 @@ from aim_kedro.pipeline_registry import DEFAULT_ORDER
 
 PROJECT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DATA_LAYERS = ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input",
-               "06_models", "07_model_output", "08_reporting")
 BROWSER_SECONDS = 45
 # Table entries whose real data has list/array columns (face boxes, embeddings, hashes).
 NESTED_TABLES = ("sample_truth", "pool_index", "clip_embeddings", "face_boxes", "dfn_manifest")
@@ -31,19 +29,9 @@ NODE_TEXT = re.compile(r'<text class="pipeline-node__text"[^>]*>([^<]+)</text>')
 
 
 @pytest.fixture(scope="module")
-def project_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """conf/ (without local), pyproject.toml and empty data/: the package itself is installed."""
-    root = tmp_path_factory.mktemp("viz") / "project"
-    root.mkdir()
-    shutil.copytree(PROJECT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(PROJECT / "pyproject.toml", root / "pyproject.toml")
-    shutil.copy(PROJECT / ".telemetry", root / ".telemetry")
-    (root / "src").mkdir()
-    (root / "logs").mkdir()
-    for layer in DATA_LAYERS:
-        (root / "data" / layer).mkdir(parents=True)
-    return root
+def project_copy(tmp_path_factory: pytest.TempPathFactory, make_project_copy) -> Path:
+    """A temporary copy of the project (see tests/conftest.py), shared by this module."""
+    return make_project_copy(tmp_path_factory.mktemp("viz") / "project")
 
 
 def _png() -> bytes:
