@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 # Tests use tiny tensors: one intra-op thread avoids oversubscribing a 2-core machine.
 torch.set_num_threads(int(os.environ.get("AIM_KEDRO_TEST_THREADS", "1")))
@@ -42,3 +43,95 @@ def copy_project(root: Path) -> Path:
 def make_project_copy() -> Callable[[Path], Path]:
     """The one way tests build a temporary copy of the project."""
     return copy_project
+
+
+# --- the curation pipeline on a small pool of the test's own, with the real catalog types ----
+
+TINY_FILTER_NETWORK = {
+    "embed_dim": 16, "image_size": 32, "vision_width": 8, "vision_head_width": 64,
+    "text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16,
+    "steps": 2, "batch_size": 8,
+}
+
+
+def curation_params(**filters) -> dict:
+    """conf/base's curation parameters with a tiny filter network, no progress bars, and
+    ``filters`` overrides (a copy: tests may change it)."""
+    conf = yaml.safe_load((PROJECT / "conf/base/parameters_curation.yml").read_text())["curation"]
+    conf.update(progress=False, filter_network=dict(TINY_FILTER_NETWORK))
+    conf["filters"].update(filters)
+    return conf
+
+
+def curation_catalog(root: Path, inputs: dict[str, str], truth: str | None = None):
+    """conf/base's curation catalog with every file under ``root``/data and the shard inputs
+    (``raw_pool``, ``probe_test``, ``trusted_pairs``) at the given folders."""
+    import polars as pl
+    from kedro.config import OmegaConfigLoader
+    from kedro.io import DataCatalog
+
+    from aim_kedro.pipelines.curation import create_pipeline
+
+    entries = OmegaConfigLoader(str(PROJECT / "conf"), base_env="base", default_run_env="local")[
+        "catalog"
+    ]
+    conf: dict = {}
+    for name in create_pipeline().all_outputs() | {"clip_score_cache"}:
+        entry = dict(entries[name])
+        entry["filepath"] = str(root / "data" / entry["filepath"])
+        conf[name] = entry
+    for name in ("raw_pool", "probe_test", "trusted_pairs"):
+        conf[name] = {"type": "aim_kedro.datasets.WebDatasetShards", "filepath": inputs[name]}
+    catalog = DataCatalog.from_config(conf)
+    catalog["sample_truth"] = pl.read_parquet(truth) if truth else None
+    return catalog
+
+
+def tiny_curation_inputs(root: Path) -> dict[str, str]:
+    """A 24-sample raw pool in 4 shards (20 distinct pictures, an exact copy, a leak of a
+    probe_test image, a broken image, a sample without caption), 4 probe_test images and 16
+    trusted pairs, written as shard folders under ``root``; their paths by catalog name."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from aim_kedro.curation.shards import write_shards
+
+    def png(seed: int) -> bytes:
+        rng = np.random.default_rng(seed)
+        image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+            (64, 64), Image.Resampling.BICUBIC
+        )
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        return buffer.getvalue()
+
+    probe = [
+        {"__key__": f"p{i}", "png": png(100 + i), "cls": str(i),
+         "json": {"eval_id": f"digits-{i:04d}", "label": i}}
+        for i in range(4)
+    ]
+    pool = [
+        {"__key__": f"k{i:03d}", "png": png(i), "txt": f"picture number {i}",
+         "json": {"uid": f"uid{i:03d}", "source": "test"}}
+        for i in range(20)
+    ]
+    pool.append({"__key__": "copy", "png": pool[3]["png"], "txt": "picture number 3",
+                 "json": {"uid": "copy", "source": "test"}})
+    pool.append({"__key__": "leak", "png": probe[1]["png"], "txt": "a leaked digit",
+                 "json": {"uid": "leak", "source": "test"}})
+    pool.append({"__key__": "broken", "png": b"not a png", "txt": "broken image",
+                 "json": {"uid": "broken", "source": "test"}})
+    pool.append({"__key__": "mute", "png": png(50), "json": {"uid": "mute"}})
+    trusted = [
+        {"__key__": f"t{i}", "png": png(200 + i), "txt": f"trusted picture {i}"}
+        for i in range(16)
+    ]
+    paths = {}
+    for name, samples, per_shard in (("raw_pool", pool, 6), ("probe_test", probe, 10),
+                                     ("trusted_pairs", trusted, 10)):
+        folder = root / name
+        write_shards(samples, str(folder), samples_per_shard=per_shard)
+        paths[name] = str(folder)
+    return paths

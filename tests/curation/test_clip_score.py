@@ -6,6 +6,7 @@ import io
 import json
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from kedro.io import Version
@@ -20,6 +21,7 @@ from aim_kedro.curation.clip_score import (
     load_clip_model,
     records_from_samples,
     score_batch,
+    score_index,
     score_shard,
 )
 from aim_kedro.curation.filter_network import (
@@ -28,6 +30,8 @@ from aim_kedro.curation.filter_network import (
     open_clip_model_cfg,
     preprocess_cfg_for,
 )
+from aim_kedro.curation.index import IndexConfig, build_index
+from aim_kedro.curation.resume import ShardResultCache
 from aim_kedro.curation.shards import ShardSet, write_shards
 from aim_kedro.datasets import AIMCheckpointDataset
 
@@ -160,6 +164,49 @@ def test_score_shard_of_nothing_has_the_right_shapes(scorer: ClipScorer) -> None
     out = score_shard(scorer, iter([]), progress=False)
     assert out["image_emb"].shape == (0, 32) and out["clip_score"].shape == (0,)
     assert score_batch(scorer, [])["text_emb"].shape == (0, 32)
+
+
+def _indexed_pool(root, images: list[Image.Image]) -> tuple[ShardSet, pl.DataFrame]:
+    samples = [
+        {"__key__": f"{i:03d}", "png": _png(images[i % len(images)]), "txt": CAPTIONS[i % 5],
+         "json": {"uid": f"{i:032x}"}}
+        for i in range(9)
+    ]
+    write_shards(samples, str(root), samples_per_shard=3)
+    shards = ShardSet.open(str(root))
+    index, _ = build_index(shards, IndexConfig(), progress=False)
+    return shards, index
+
+
+def test_score_index_resumes_from_finished_shards(
+    tmp_path, monkeypatch, checkpoint: dict, scorer: ClipScorer, images: list[Image.Image]
+) -> None:
+    shards, index = _indexed_pool(tmp_path / "pool", images)
+    cache = ShardResultCache(str(tmp_path / "cache"))
+    full, counts = score_index(scorer, shards, index, IndexConfig(), 2, cache=cache, progress=False)
+    assert counts == {"shards": 3, "scored_shards": 3, "resumed_shards": 0}
+    assert full["uid"].tolist() == index["uid"].to_list()
+    entries = cache.keys("clip_score")
+    assert len(entries) == 3
+    # a run killed after two shards: the third entry was never written
+    (tmp_path / "cache" / f"{entries[-1]}.npz").unlink()
+    scored = []
+    monkeypatch.setattr(
+        clip_score, "score_shard",
+        lambda *args, **kwargs: scored.append(1) or score_shard(*args, **kwargs),
+    )
+    resumed, counts = score_index(scorer, shards, index, IndexConfig(), 2, cache=cache, progress=False)
+    assert counts == {"shards": 3, "scored_shards": 1, "resumed_shards": 2} and len(scored) == 1
+    for name in clip_score.SCORE_FIELDS:
+        np.testing.assert_array_equal(resumed[name], full[name], err_msg=name)
+    assert resumed["uid"].dtype == object
+    # another model (or batch size) never reuses these entries
+    other = {**checkpoint, "state_dict": {k: v + 0.01 for k, v in checkpoint["state_dict"].items()}}
+    other_scorer = load_clip_model("", checkpoint=other, device="cpu", batch_size=3)
+    _, counts = score_index(other_scorer, shards, index, IndexConfig(), 2, cache=cache, progress=False)
+    assert counts["resumed_shards"] == 0
+    _, counts = score_index(scorer, shards, index, IndexConfig(), 4, cache=cache, progress=False)
+    assert counts["resumed_shards"] == 0
 
 
 def test_checkpoint_round_trip_through_dataset(

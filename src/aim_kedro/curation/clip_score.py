@@ -23,12 +23,26 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import open_clip
+import polars as pl
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from tqdm.auto import tqdm
 
-from aim_kedro.curation.shards import Sample, image_bytes, sample_json, sample_text
+from aim_kedro.curation.index import IndexConfig, decode_selected
+from aim_kedro.curation.resume import (
+    ShardResultCache,
+    fingerprint,
+    rows_fingerprint,
+    tensors_fingerprint,
+)
+from aim_kedro.curation.shards import (
+    Sample,
+    ShardSet,
+    image_bytes,
+    sample_json,
+    sample_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +371,79 @@ def score_shard(
         int((~out["has_text"]).sum()), int(out["nsfw_flag"].sum()), time.perf_counter() - start,
     )
     return out
+
+
+SCORE_FIELDS = ("uid", "clip_score", "nsfw_score", "image_emb", "text_emb")
+
+
+def scorer_fingerprint(scorer: ClipScorer, nsfw: NsfwConfig, batch_size: int) -> str:
+    """Identity of everything a score depends on: weights, precision, device type, prompts and
+    batch size (batch composition can move float results in the last bits)."""
+    return fingerprint(
+        tensors_fingerprint(scorer.model.state_dict()), scorer.precision, scorer.device.type,
+        nsfw.nsfw_prompts, nsfw.safe_prompts, int(batch_size),
+    )
+
+
+def score_index(
+    scorer: ClipScorer,
+    shards: ShardSet,
+    index: pl.DataFrame,
+    index_cfg: IndexConfig,
+    batch_size: int = 256,
+    nsfw: NsfwConfig | None = None,
+    cache: ShardResultCache | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Score the rows of ``index`` (columns uid, shard, position, key, caption) shard by shard.
+
+    With a ``cache``, each shard's result is saved as soon as it is finished, keyed by the
+    scorer's fingerprint and the shard's rows, and a later call loads finished shards instead of
+    scoring them again: a run killed mid-pool resumes where it stopped, with equal results.
+    Returns the ``SCORE_FIELDS`` arrays in index order and counts of scored and resumed shards.
+    """
+    nsfw = nsfw or NsfwConfig()
+    model_key = scorer_fingerprint(scorer, nsfw, batch_size) if cache is not None else ""
+    parts: list[dict[str, np.ndarray]] = []
+    counts = {"shards": 0, "scored_shards": 0, "resumed_shards": 0}
+    bar = tqdm(total=index.height, desc="score pool", unit="sample", disable=not progress)
+    for group in index.partition_by("shard", maintain_order=True):
+        shard = str(group["shard"][0])
+        key = ""
+        result = None
+        if cache is not None:
+            rows = rows_fingerprint(
+                [group["uid"], group["position"], group["key"], group["caption"]]
+            )
+            key = f"clip_score/{model_key}/{shard}-{rows}"
+            result = cache.load(key)
+        if result is not None and len(result["uid"]) == group.height:
+            counts["resumed_shards"] += 1
+        else:
+            records = (
+                (row["uid"], image, row["caption"])
+                for row, image in decode_selected(shards, group, index_cfg)
+            )
+            scored = score_shard(scorer, records, batch_size, nsfw, progress=False)
+            result = {name: scored[name] for name in SCORE_FIELDS}
+            if cache is not None:
+                cache.save(key, result)
+            counts["scored_shards"] += 1
+        parts.append(result)
+        counts["shards"] += 1
+        bar.update(group.height)
+    bar.close()
+    if counts["resumed_shards"]:
+        logger.info(
+            "score pool: %d of %d shards resumed from %s, %d scored",
+            counts["resumed_shards"], counts["shards"], cache, counts["scored_shards"],
+        )
+    if not parts:
+        empty = _empty_result(scorer.embed_dim)
+        return {name: empty[name] for name in SCORE_FIELDS}, counts
+    out = {name: np.concatenate([np.asarray(p[name]) for p in parts]) for name in SCORE_FIELDS}
+    out["uid"] = out["uid"].astype(object)
+    return out, counts
 
 
 def _hub_offline() -> bool:

@@ -2,5 +2,11 @@
 
 from aim_kedro.datasets.checkpoints import AIMCheckpointDataset, CheckpointSeriesDataset
 from aim_kedro.datasets.webdataset_shards import WebDatasetShards
+from aim_kedro.datasets.work_cache import ShardResultCacheDataset
 
-__all__ = ["AIMCheckpointDataset", "CheckpointSeriesDataset", "WebDatasetShards"]
+__all__ = [
+    "AIMCheckpointDataset",
+    "CheckpointSeriesDataset",
+    "ShardResultCacheDataset",
+    "WebDatasetShards",
+]

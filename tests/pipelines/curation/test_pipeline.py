@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
+from conftest import curation_catalog, curation_params
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog
 from kedro.runner import SequentialRunner
@@ -44,12 +45,7 @@ NODE_ORDER = [
     "report_curation",
     "plot_curation",
 ]
-INPUTS = {"raw_pool", "trusted_pairs", "probe_test", "sample_truth"}
-TINY_NETWORK = {
-    "embed_dim": 16, "image_size": 32, "vision_width": 8, "vision_head_width": 64,
-    "text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16,
-    "steps": 2, "batch_size": 8,
-}
+INPUTS = {"raw_pool", "trusted_pairs", "probe_test", "sample_truth", "clip_score_cache"}
 
 
 def _catalog_entries() -> dict[str, Any]:
@@ -143,26 +139,10 @@ def _tiny_inputs(root: Path) -> dict[str, str]:
     return paths
 
 
-def _catalog(tmp_path: Path, inputs: dict[str, str], truth: str | None = None) -> DataCatalog:
-    entries = _catalog_entries()
-    conf: dict[str, Any] = {}
-    for name in create_pipeline().all_outputs():
-        entry = dict(entries[name])
-        entry["filepath"] = str(tmp_path / "data" / entry["filepath"])
-        conf[name] = entry
-    for name in ("raw_pool", "probe_test", "trusted_pairs"):
-        conf[name] = {"type": "aim_kedro.datasets.WebDatasetShards", "filepath": inputs[name]}
-    catalog = DataCatalog.from_config(conf)
-    catalog["sample_truth"] = pl.read_parquet(truth) if truth else None
-    return catalog
-
-
 def test_tiny_pool_runs_end_to_end(tmp_path: Path) -> None:
-    params = copy.deepcopy(PARAMS)
-    params.update(progress=False, filter_network={**TINY_NETWORK})
-    params["filters"].update(keep_fraction=0.5, min_shorter_side=32)
+    params = curation_params(keep_fraction=0.5, min_shorter_side=32)
     inputs = _tiny_inputs(tmp_path / "inputs")
-    catalog = _catalog(tmp_path, inputs)
+    catalog = curation_catalog(tmp_path, inputs)
     catalog["params:curation"] = params
     SequentialRunner().run(create_pipeline(), catalog)
 

@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
-from aim_kedro.curation.clip_score import ClipScorer, NsfwConfig, load_clip_model, score_shard
+from aim_kedro.curation.clip_score import ClipScorer, NsfwConfig, load_clip_model, score_index
 from aim_kedro.curation.dedup import EVAL_SCHEMA, DedupConfig, deduplicate, eval_records
 from aim_kedro.curation.faces import make_detector
 from aim_kedro.curation.filter_network import FilterNetworkConfig, train_filter_network
@@ -43,6 +42,7 @@ from aim_kedro.curation.report import (
     plot_thumbnails,
     truth_metrics,
 )
+from aim_kedro.curation.resume import ShardResultCache
 from aim_kedro.curation.shards import ERROR_KEY, ShardSet, image_bytes, sample_text
 from aim_kedro.curation.subset import SubsetConfig, detect_faces, iter_subset
 
@@ -258,53 +258,42 @@ def score_pool(
     raw_pool: ShardSet,
     pool_index: pl.DataFrame,
     filter_network: dict[str, Any],
+    clip_score_cache: ShardResultCache,
     params: dict[str, Any],
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
     """CLIP score, NSFW score and float16 embeddings of every decodable, captioned sample,
-    shard by shard; returns clip_scores, clip_embeddings and a summary."""
+    shard by shard; each finished shard goes to ``clip_score_cache``, so a killed run resumes
+    from the finished shards. Returns clip_scores, clip_embeddings and a summary."""
     cfg = validate_curation_params(params)
     start = time.perf_counter()
     scorer = load_scorer(cfg, filter_network)
     nsfw = cfg.scoring.nsfw(cfg.filters.nsfw_threshold)
     valid = pool_index.filter(pl.col("reject_reason").is_null())
-    parts: list[dict[str, np.ndarray]] = []
-    bar = tqdm(total=valid.height, desc="score pool", unit="sample", disable=not cfg.progress)
-    for group in valid.partition_by("shard", maintain_order=True):
-        records = (
-            (row["uid"], image, row["caption"])
-            for row, image in decode_selected(raw_pool, group, cfg.index)
-        )
-        result = score_shard(scorer, records, cfg.scoring.batch_size, nsfw, progress=False)
-        parts.append(
-            {k: result[k] for k in ("uid", "clip_score", "nsfw_score", "image_emb", "text_emb")}
-        )
-        bar.update(group.height)
-    bar.close()
-    dim = scorer.embed_dim
-    uid = np.concatenate([p["uid"] for p in parts]) if parts else np.zeros(0, dtype=object)
-
-    def stack(key: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        return np.concatenate([p[key] for p in parts]) if parts else np.zeros(shape, dtype=dtype)
-
+    result, counts = score_index(
+        scorer, raw_pool, valid, cfg.index, cfg.scoring.batch_size, nsfw,
+        cache=clip_score_cache, progress=cfg.progress,
+    )
+    uids = pl.Series(result["uid"].tolist(), dtype=pl.String)
     scores = pl.DataFrame(
         {
-            "uid": pl.Series(uid.tolist(), dtype=pl.String),
-            "clip_score": pl.Series(stack("clip_score", (0,), np.float32), dtype=pl.Float32),
-            "nsfw_score": pl.Series(stack("nsfw_score", (0,), np.float32), dtype=pl.Float32),
+            "uid": uids,
+            "clip_score": pl.Series(result["clip_score"], dtype=pl.Float32),
+            "nsfw_score": pl.Series(result["nsfw_score"], dtype=pl.Float32),
         }
     )
     embeddings = pl.DataFrame(
         {
-            "uid": pl.Series(uid.tolist(), dtype=pl.String),
-            "image_emb": pl.Series(stack("image_emb", (0, dim), np.float16)),
-            "text_emb": pl.Series(stack("text_emb", (0, dim), np.float16)),
+            "uid": uids,
+            "image_emb": pl.Series(result["image_emb"].astype(np.float16)),
+            "text_emb": pl.Series(result["text_emb"].astype(np.float16)),
         }
     )
     summary = {
         "model": scorer.model_name,
         "scored": scores.height,
-        "embed_dim": dim,
+        "embed_dim": scorer.embed_dim,
         "nan_scores": int(scores["clip_score"].is_nan().sum()),
+        **counts,
     }
     summary["seconds"] = _done(
         "score_pool", start, "%d samples scored with %s", scores.height, scorer.model_name

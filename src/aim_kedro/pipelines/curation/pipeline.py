@@ -42,7 +42,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 score_pool,
-                inputs=["raw_pool", "pool_index", "filter_network", PARAMS],
+                inputs=["raw_pool", "pool_index", "filter_network", "clip_score_cache", PARAMS],
                 outputs=["clip_scores", "clip_embeddings", "curation_scoring_stats"],
                 name="score_pool",
             ),
