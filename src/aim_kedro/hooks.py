@@ -21,6 +21,12 @@ VALIDATORS: dict[str, str] = {
     "evaluation": "aim_kedro.pipelines.evaluation.nodes:validate_evaluation_params",
 }
 
+# Node -> (parameter block, a check of what the node will load), run only when the node is in
+# the run: e.g. an open_clip model that would need a download while offline fails up front.
+PREFLIGHT: dict[str, tuple[str, str]] = {
+    "score_pool": ("curation", "aim_kedro.pipelines.curation.nodes:check_scoring_model"),
+}
+
 
 def _resolve(path: str) -> Callable[[dict[str, Any]], Any] | None:
     module_name, func_name = path.split(":")
@@ -66,6 +72,11 @@ class ValidateBeforeRunHooks:
                 continue
             validator(parameters[block])
             logger.info("parameters '%s' checked", block)
+        for node_name in sorted({n.name for n in pipeline.nodes} & set(PREFLIGHT)):
+            block, path = PREFLIGHT[node_name]
+            check = _resolve(path)
+            if check is not None and block in parameters:
+                check(parameters[block])
         missing = missing_inputs(pipeline, catalog)
         if missing:
             raise FileNotFoundError(

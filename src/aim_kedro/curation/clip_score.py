@@ -582,21 +582,34 @@ def _model_from_checkpoint(
     return model, _preprocess_from_cfg(preprocess_cfg), _tokenizer_from_cfg(model_cfg), name
 
 
-def _model_from_open_clip(
+@dataclass(frozen=True)
+class OpenClipSource:
+    """Where an open_clip model comes from, resolved (and checked) without loading weights:
+    the name and ``pretrained`` to build it with, and where its tokenizer comes from."""
+
+    create_name: str
+    pretrained: str | None = None
+    force_preprocess: Mapping[str, Any] | None = None
+    tokenizer: str = "name"  # name: open_clip.get_tokenizer(create_name) | config: from its cfg
+
+
+def resolve_open_clip_source(
     model_name: str,
-    pretrained: str | None,
-    device: torch.device,
-    precision: str,
-    cache_dir: str | None,
-    timeout: float,
-) -> tuple[torch.nn.Module, Any, Any]:
-    create = {"device": device, "precision": precision, "cache_dir": cache_dir}
+    pretrained: str | None = None,
+    cache_dir: str | None = None,
+    timeout: float = HUB_PROBE_TIMEOUT_S,
+) -> OpenClipSource:
+    """Resolve an open_clip name + ``pretrained`` to local files or a download that can happen.
+
+    Raises at once, loading nothing: ``FileNotFoundError`` for a missing local folder or file,
+    ``ValueError`` for an unknown architecture, ``ModelUnavailableError`` when weights must be
+    downloaded but the machine is offline. A run calls this before any work starts.
+    """
     if model_name.startswith("local-dir:"):
         folder = model_name[len("local-dir:") :]
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"model_name={model_name!r}: no such folder {folder!r}")
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, **create)
-        return model, preprocess, open_clip.get_tokenizer(model_name)
+        return OpenClipSource(model_name)
 
     if model_name.startswith("hf-hub:"):
         repo_id = model_name[len("hf-hub:") :]
@@ -606,27 +619,19 @@ def _model_from_open_clip(
         if config_path and weights_path and os.path.dirname(config_path) == os.path.dirname(
             weights_path
         ):
-            local = "local-dir:" + os.path.dirname(config_path)
-            model, _, preprocess = open_clip.create_model_and_transforms(local, **create)
-            model_cfg = open_clip.get_model_config(local) or {}
-            return model, preprocess, _tokenizer_from_cfg(model_cfg)
+            return OpenClipSource("local-dir:" + os.path.dirname(config_path), tokenizer="config")
         _ensure_fetchable(
             model_name, f"Hugging Face repo {repo_id!r}", f"{_hub_endpoint()}/{repo_id}", timeout
         )
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, **create)
-        return model, preprocess, open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+        return OpenClipSource(model_name)
 
     if open_clip.get_model_config(model_name) is None:
         raise ValueError(
             f"model_name={model_name!r} is not an open_clip architecture (see "
             "open_clip.list_models()), an 'hf-hub:org/repo' name or a 'local-dir:/path' folder"
         )
-    tokenizer = open_clip.get_tokenizer(model_name)
     if pretrained is None:
-        logger.warning("CLIP model %s has no pretrained weights: scores are random", model_name)
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, **create)
-        return model, preprocess, tokenizer
-
+        return OpenClipSource(model_name)
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not tag_cfg:
         if not os.path.isfile(pretrained):
@@ -635,10 +640,7 @@ def _model_from_open_clip(
                 f"pretrained={pretrained!r}: no such checkpoint file, and not an open_clip tag "
                 f"of {model_name!r} (tags: {tags})"
             )
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, **create
-        )
-        return model, preprocess, tokenizer
+        return OpenClipSource(model_name, pretrained)
 
     preprocess_keys = {f.name for f in fields(PreprocessCfg)}
     force_preprocess = {k: v for k, v in tag_cfg.items() if k in preprocess_keys}
@@ -659,14 +661,32 @@ def _model_from_open_clip(
         cached = target if os.path.isfile(target) else None
         what = f"weights file {os.path.basename(url)!r}"
     if cached:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=cached, force_preprocess_cfg=force_preprocess, **create
-        )
-        return model, preprocess, tokenizer
+        return OpenClipSource(model_name, cached, force_preprocess)
     _ensure_fetchable(f"{model_name}/{pretrained}", what, url, timeout)
+    return OpenClipSource(model_name, pretrained)
+
+
+def _model_from_open_clip(
+    model_name: str,
+    pretrained: str | None,
+    device: torch.device,
+    precision: str,
+    cache_dir: str | None,
+    timeout: float,
+) -> tuple[torch.nn.Module, Any, Any]:
+    source = resolve_open_clip_source(model_name, pretrained, cache_dir, timeout)
+    if source.pretrained is None and not source.create_name.startswith(("hf-hub:", "local-dir:")):
+        logger.warning("CLIP model %s has no pretrained weights: scores are random", model_name)
+    create: dict[str, Any] = {"device": device, "precision": precision, "cache_dir": cache_dir}
+    if source.force_preprocess:
+        create["force_preprocess_cfg"] = dict(source.force_preprocess)
     model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, **create
+        source.create_name, pretrained=source.pretrained, **create
     )
+    if source.tokenizer == "config":
+        tokenizer = _tokenizer_from_cfg(open_clip.get_model_config(source.create_name) or {})
+    else:
+        tokenizer = open_clip.get_tokenizer(source.create_name, cache_dir=cache_dir)
     return model, preprocess, tokenizer
 
 

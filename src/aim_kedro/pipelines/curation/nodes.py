@@ -24,7 +24,14 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from aim_kedro.curation.clip_score import ClipScorer, NsfwConfig, load_clip_model, score_index
+from aim_kedro.curation.clip_score import (
+    ClipScorer,
+    ModelUnavailableError,
+    NsfwConfig,
+    load_clip_model,
+    resolve_open_clip_source,
+    score_index,
+)
 from aim_kedro.curation.dedup import EVAL_SCHEMA, DedupConfig, deduplicate, eval_records
 from aim_kedro.curation.faces import make_detector
 from aim_kedro.curation.filter_network import FilterNetworkConfig, train_filter_network
@@ -252,6 +259,22 @@ def load_scorer(cfg: CurationConfig, filter_network: Mapping[str, Any] | None) -
         str(s.model_name), pretrained=s.pretrained, device=s.device, precision=s.precision,
         batch_size=s.batch_size,
     )
+
+
+def check_scoring_model(params: dict[str, Any]) -> None:
+    """Before a run that scores: an open_clip model must be loadable from local files or the
+    Hub (a missing path, an unknown name, or a download while offline fails here, naming the
+    parameter and the fix). Loads no weights."""
+    s = validate_curation_params(params).scoring
+    if s.model != "open_clip":
+        return
+    try:
+        resolve_open_clip_source(str(s.model_name), s.pretrained)
+    except (FileNotFoundError, ValueError, ModelUnavailableError) as exc:
+        raise type(exc)(
+            f"curation.scoring.model_name={s.model_name!r} / curation.scoring.pretrained="
+            f"{s.pretrained!r} cannot be used: {exc}"
+        ) from exc
 
 
 def score_pool(

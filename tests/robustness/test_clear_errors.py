@@ -1,0 +1,71 @@
+"""Bad configuration fails before any node runs, with a message naming the parameter and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+
+from aim_kedro.curation.clip_score import ModelUnavailableError
+
+CASES = {
+    "unknown_preset": (
+        "pretraining", {"pretraining": {"train": {"preset": "aim_13B"}}},
+        ValueError, r"preset.*aim_13B.*aim_600M",
+    ),
+    "image_size_not_divisible": (
+        "pretraining", {"pretraining": {"train": {"model_overrides": {"img_size": 30}}}},
+        ValueError, r"pretraining\.train.*img_size \(30\) must be divisible by patch_size \(4\)",
+    ),
+    "checkpoint_path_missing": (
+        "evaluation",
+        {"evaluation": {"trunk": {"source": "ml_aim", "path": "/no/such/aim-600M.safetensors"}}},
+        ValueError, r"evaluation\.trunk\.path points to '/no/such/aim-600M\.safetensors', "
+                    r"which does not exist; fix the path",
+    ),
+    "keep_fraction_out_of_range": (
+        "curation", {"curation": {"filters": {"keep_fraction": 1.5}}},
+        ValueError, r"curation\.filters\.keep_fraction.*e\.g\. 0\.15",
+    ),
+    "hub_model_while_offline": (
+        "curation",
+        {"curation": {"scoring": {"model": "open_clip",
+                                  "model_name": "hf-hub:apple/DFN2B-CLIP-ViT-L-14"}}},
+        ModelUnavailableError, r"curation\.scoring\.model_name='hf-hub:apple/DFN2B-CLIP-ViT-L-14'"
+                               r".*HF_HUB_OFFLINE.*local-dir:",
+    ),
+}
+
+
+@pytest.fixture
+def project(tmp_path: Path, make_project_copy) -> Path:
+    root = make_project_copy(tmp_path / "project")
+    bootstrap_project(root)
+    return root
+
+
+def _written(project: Path) -> list[Path]:
+    return [p for p in (project / "data").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_parameter_fails_before_work(project: Path, monkeypatch, case: str) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipeline, runtime_params, error, message = CASES[case]
+    with KedroSession.create(project_path=project, runtime_params=runtime_params) as session:
+        with pytest.raises(error, match=message):
+            session.run(pipeline_names=[pipeline])
+    assert _written(project) == []
+
+
+def test_catalog_path_that_does_not_exist_is_named(project: Path) -> None:
+    missing = project / "no_such_pool"
+    (project / "conf/local/catalog.yml").write_text(yaml.safe_dump({"raw_pool": {
+        "type": "aim_kedro.datasets.WebDatasetShards", "filepath": str(missing)}}))
+    with KedroSession.create(project_path=project) as session:
+        with pytest.raises(FileNotFoundError, match=r"raw_pool.*conf/local/catalog\.yml"):
+            session.run(pipeline_names=["curation"], node_names=["build_pool_index"])
+    assert _written(project) == []
