@@ -140,11 +140,12 @@ _PRESET_ARGS: dict[str, dict[str, Any]] = {
         img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
         head_embed_dim=512, head_depth=2,
     ),
-    # The sample's head is one block of the trunk's width: a 2 x 256 head made a training step
-    # cost 1.95x a plain ViT step on CPU (bench/train_step.py); 1 x 128 costs ~1.05x.
+    # The sample's head is one block of half the trunk's width. Step cost against a plain ViT
+    # on 2 CPU cores (bench/train_step.py --quick, batch 32): 2 x 256 1.95x, 1 x 128 1.17-1.19x,
+    # 1 x 64 0.99x.
     "aim_sample": dict(
         img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4,
-        head_embed_dim=128, head_depth=1,
+        head_embed_dim=64, head_depth=1,
     ),
     "aim_tiny": dict(
         img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
