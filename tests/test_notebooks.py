@@ -74,8 +74,13 @@ def notebook_project(tmp_path_factory: pytest.TempPathFactory, make_project_copy
         return project
     copy = make_project_copy(tmp_path_factory.mktemp("notebooks") / "project")
     bootstrap_project(copy)
-    with KedroSession.create(project_path=copy, runtime_params=SMALL_RUN) as session:
-        session.run()
+    cwd = Path.cwd()
+    os.chdir(copy)  # relative parameter paths (pretraining.run_dir) are read from the cwd
+    try:
+        with KedroSession.create(project_path=copy, runtime_params=SMALL_RUN) as session:
+            session.run()
+    finally:
+        os.chdir(cwd)
     return copy
 
 
