@@ -18,6 +18,14 @@ through ``/proc/self/clear_refs`` before each stage; elsewhere the running
 ``resource.getrusage(...).ru_maxrss``). The pipeline streams shard by shard, so the peak should
 not grow with the pool; the summary gives the peak over the whole run and over the stages that
 see the pool (all but the filtering-network training, whose cost does not depend on the pool).
+CPU seconds per 10k items are the subprocess's user + system time per stage.
+
+Ray: after the local run of the largest pool, the same subprocess starts a local Ray of
+``--ray-cpus`` CPUs (timed apart) and runs the four per-shard nodes again with
+``curation.executor.kind: ray`` (as ``kedro run -e ray`` does), on the same inputs loaded from
+the catalog, saving to a second catalog: a second table gives items/s of each node local vs Ray
+on this machine (the engine's overhead), and whether the Ray outputs equal the local ones.
+``--no-ray`` skips it.
 
     .venv/bin/python bench/curation.py --quick                   # 300 and 600 images at 64 px
     .venv/bin/python bench/curation.py --pool-size 10000 --image-size 256
@@ -29,6 +37,8 @@ import argparse
 import gc
 import json
 import logging
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -50,6 +60,7 @@ from _common import (
 REPO = Path(__file__).resolve().parents[1]
 EXTERNAL_INPUTS = ("raw_pool", "trusted_pairs", "probe_test", "sample_truth")
 RESULT_PREFIX = "BENCH_RESULT "
+RAY_STAGES = ("build_pool_index", "score_pool", "detect_faces", "write_dfn_subset")
 
 # What a stage's images/s counts: the pool by default, else (what, how to get the count).
 STAGE_UNITS = {
@@ -80,6 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--filter-steps", type=int, default=None,
                         help="override curation.filter_network.steps (default: the project's "
                              "value; quick 1)")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="skip the Ray re-run of the per-shard nodes")
+    parser.add_argument("--ray-cpus", type=int, default=None,
+                        help="CPUs of the local Ray (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="show the pipeline's logs")
     parser.add_argument("--quick", action="store_true",
@@ -91,6 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     else:
         big = args.pool_size or (600 if args.quick else 10_000)
         args.sizes = [max(1, big // 2), big]
+    args.ray_pool = args.sizes[-1]
     args.image_size = args.image_size or (64 if args.quick else 256)
     args.samples_per_shard = args.samples_per_shard or (100 if args.quick else 1000)
     args.trusted_pairs = args.trusted_pairs or (128 if args.quick else 2000)
@@ -128,28 +144,30 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from aim_kedro.pipelines.curation import create_pipeline
 
     rss_imports = peak_rss_mib()
-    conf = OmegaConfigLoader(str(REPO / "conf"), base_env="base", default_run_env="")
+    conf = OmegaConfigLoader(str(REPO / "conf"), base_env="base", default_run_env="base")
     params = dict(conf["parameters"])
     params["curation"] = {**params["curation"], "progress": False}
     overrides = {key: spec[f"filter_{key}"] for key in ("epochs", "steps")
                  if spec[f"filter_{key}"] is not None}
     params["curation"]["filter_network"] = {**params["curation"]["filter_network"], **overrides}
     pipeline = create_pipeline()
-    catalog_conf = conf["catalog"]
-    out = Path(spec["out_dir"])
-    entries: dict[str, dict[str, Any]] = {}
-    for name in sorted(n for n in pipeline.datasets() if not n.startswith("params:")):
-        entry = dict(catalog_conf[name])
-        if name in EXTERNAL_INPUTS:
-            entry.update(filepath=spec["inputs"][name], versioned=False)
-        else:
-            entry["filepath"] = str(out / entry["filepath"])
-        entries[name] = entry
-    catalog = DataCatalog.from_config(entries)
 
+    def make_catalog(out: Path) -> DataCatalog:
+        entries: dict[str, dict[str, Any]] = {}
+        for name in sorted(n for n in pipeline.datasets() if not n.startswith("params:")):
+            entry = dict(conf["catalog"][name])
+            if name in EXTERNAL_INPUTS:
+                entry.update(filepath=spec["inputs"][name], versioned=False)
+            else:
+                entry["filepath"] = str(out / entry["filepath"])
+            entries[name] = entry
+        return DataCatalog.from_config(entries)
+
+    catalog = make_catalog(Path(spec["out_dir"]))
     stages = []
     for node in pipeline.nodes:
         per_stage = reset_peak_rss()
+        cpu_start = cpu_seconds()
         start = time.perf_counter()
         inputs = {
             name: _param(params, name) if name.startswith("params:") else catalog.load(name)
@@ -170,13 +188,76 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         gc.collect()
         stages.append({
             "node": node.name, "load": loaded - start, "run": ran - loaded, "save": saved - ran,
-            "sizes": sizes, "stats": json.loads(json.dumps(stats, default=str)),
+            "cpu": cpu_seconds() - cpu_start, "sizes": sizes, "stats": json.loads(json.dumps(stats, default=str)),
             "stage_peak_rss_mib": current_peak_rss_mib() if per_stage else peak_rss_mib(),
         })
     # Resetting the mark also resets ru_maxrss, so the run's peak is the largest stage peak.
     overall = max([rss_imports] + [s["stage_peak_rss_mib"] or 0.0 for s in stages])
+    on_ray = None
+    if spec["ray"]:
+        on_ray = run_ray_stages(spec, pipeline, params, catalog,
+                                make_catalog(Path(spec["out_dir"]) / "ray"))
     return {"rss_after_imports_mib": rss_imports, "stages": stages, "peak_rss_mib": overall,
-            "per_stage_peaks": per_stage}
+            "per_stage_peaks": per_stage, "ray": on_ray}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _same_output(new: Any, old: Any) -> bool | None:
+    """Whether a Ray output equals the local one (tables; shard folders sample by sample)."""
+    if hasattr(new, "equals") and hasattr(old, "equals"):
+        return bool(new.equals(old))
+    if hasattr(new, "shards") and hasattr(old, "shards"):
+        return [sorted(s.items()) for s in new] == [sorted(s.items()) for s in old]
+    return None
+
+
+def run_ray_stages(
+    spec: dict[str, Any], pipeline: Any, params: dict[str, Any], catalog: Any, ray_catalog: Any
+) -> dict[str, Any]:
+    """Start a local Ray, then run the per-shard nodes with the Ray executor on the inputs of
+    ``catalog`` (the local run's), saving to ``ray_catalog``; times and output checks."""
+    import ray
+
+    from aim_kedro.curation.ray_engine import ExecutorConfig, ensure_ray
+
+    executor = {"kind": "ray", "num_cpus": spec["ray_cpus"]}
+    start = time.perf_counter()
+    ensure_ray(ExecutorConfig(**executor))
+    ray_start = time.perf_counter() - start
+    ray_params = {**params, "curation": {**params["curation"], "executor": executor}}
+    stages = []
+    for node in pipeline.nodes:
+        if node.name not in RAY_STAGES:
+            continue
+        cpu_start = cpu_seconds()
+        start = time.perf_counter()
+        inputs = {
+            name: _param(ray_params, name) if name.startswith("params:") else catalog.load(name)
+            for name in node.inputs
+        }
+        outputs = node.run(inputs)
+        for name in node.outputs:
+            ray_catalog.save(name, outputs[name])
+        seconds = time.perf_counter() - start
+        cpu = cpu_seconds() - cpu_start
+        checks = {name: _same_output(ray_catalog.load(name), catalog.load(name))
+                  for name in node.outputs if not name.endswith("_stats")}
+        stats = {name: value for name, value in outputs.items() if name.endswith("_stats")}
+        stages.append({
+            "node": node.name, "load": 0.0, "run": seconds, "save": 0.0, "cpu": cpu,
+            "sizes": {name: n for name, value in outputs.items()
+                      if (n := _size(value)) is not None},
+            "stats": json.loads(json.dumps(stats, default=str)),
+            "identical": all(v for v in checks.values() if v is not None),
+        })
+    ray.shutdown()
+    return {"ray_start_s": ray_start, "cpus": spec["ray_cpus"] or os.cpu_count(),
+            "stages": stages}
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +288,7 @@ def write_inputs(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         str(tmp / "trusted_pairs"), samples_per_shard=1000, prefix="trusted",
     )
     sample_params = OmegaConfigLoader(str(REPO / "conf"), base_env="base",
-                                      default_run_env="")["parameters"]["sample"]
+                                      default_run_env="base")["parameters"]["sample"]
     _, probe_test = build_probe_sets(dict(sample_params))
     write_shards(probe_test, str(tmp / "probe_test"), samples_per_shard=1000, prefix="probe")
     truth = tmp / "sample_truth.parquet"
@@ -226,6 +307,8 @@ def run_pool(args: argparse.Namespace, inputs: dict[str, Any], n: int, tmp: Path
     """Run the pipeline on the pool of ``n`` images in a fresh interpreter; its result dict."""
     spec = {
         "verbose": args.verbose,
+        "ray": not args.no_ray and n == args.ray_pool,
+        "ray_cpus": args.ray_cpus,
         "filter_epochs": args.filter_epochs,
         "filter_steps": args.filter_steps,
         "out_dir": str(tmp / f"out_{n}"),
@@ -273,6 +356,40 @@ def stage_count(stage: dict[str, Any], pool: int, trusted: int) -> int:
     return pool
 
 
+def compare_ray(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    """Print items/s of the per-shard nodes local vs Ray at ``args.ray_pool``; the summary clause."""
+    big = args.ray_pool
+    on_ray = result["ray"]
+    local = {s["node"]: s for s in result["stages"]}
+    rows = []
+    for stage in on_ray["stages"]:
+        mine = local[stage["node"]]
+        count = stage_count(mine, big, args.trusted_pairs)
+        s_local = mine["load"] + mine["run"] + mine["save"]
+        s_ray = stage["run"]
+        rows.append({"stage": stage["node"], "items": count, "s_local": s_local, "s_ray": s_ray,
+                     "ips_local": count / s_local, "ips_ray": count / s_ray,
+                     "ratio": s_local / s_ray, "same": "yes" if stage["identical"] else "NO"})
+    s_local = sum(r["s_local"] for r in rows)
+    s_ray = sum(r["s_ray"] for r in rows)
+    same = all(r["same"] == "yes" for r in rows)
+    rows.append({"stage": "the four per-shard nodes", "items": big, "s_local": s_local,
+                 "s_ray": s_ray, "ips_local": big / s_local, "ips_ray": big / s_ray,
+                 "ratio": s_local / s_ray, "same": "yes" if same else "NO"})
+    print(f"\n## local vs Ray at {big} images: the per-shard nodes again on the same inputs, "
+          f"Ray Data on a local Ray of {on_ray['cpus']} CPUs (started in "
+          f"{on_ray['ray_start_s']:.1f} s, not counted)")
+    print_table(rows, [
+        ("stage", "stage", ""), ("items", "items", "d"), ("s_local", "s local", ".2f"),
+        ("ips_local", "items/s local", ".1f"), ("s_ray", "s ray", ".2f"),
+        ("ips_ray", "items/s ray", ".1f"), ("ratio", "ray speed / local", ".2f"),
+        ("same", "ray output = local", ""),
+    ])
+    return (f"per-shard nodes at {big}: ray ({on_ray['cpus']} CPUs) {big / s_ray:.1f} vs local "
+            f"{big / s_local:.1f} img/s ({s_local / s_ray:.2f}x, outputs "
+            f"{'identical' if same else 'DIFFER'}; Ray start {on_ray['ray_start_s']:.1f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -307,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             row[f"s{n}"] = seconds
             row[f"ips{n}"] = count / seconds if seconds > 0 else None
             row[f"rss{n}"] = stage["stage_peak_rss_mib"]
+            row[f"cpu{n}"] = stage["cpu"] / count * 10_000 if count else None
         rows.append(row)
     totals: dict[str, Any] = {"stage": "end to end", "counts": "pool samples"}
     no_train: dict[str, Any] = {"stage": "end to end w/o filter training", "counts": "pool samples"}
@@ -323,9 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     columns = [("stage", "stage", ""), ("counts", "counts", "")]
     for n in args.sizes:
         columns += [(f"n{n}", f"items @{n}", "d"), (f"s{n}", f"s @{n}", ".2f"),
-                    (f"ips{n}", f"items/s @{n}", ".1f"), (f"rss{n}", f"stage peak RSS MiB @{n}", ".0f")]
-    print("\n## curation stages (load + run + save per node, real catalog datasets)")
+                    (f"ips{n}", f"items/s @{n}", ".1f"), (f"cpu{n}", f"CPU s/10k @{n}", ".0f"),
+                    (f"rss{n}", f"stage peak RSS MiB @{n}", ".0f")]
+    print("\n## curation stages (load + run + save per node, real catalog datasets; CPU s per "
+          "10k items: the process's user + system time)")
     print_table(rows, columns)
+    engine = compare_ray(args, results[args.ray_pool]) if results[args.ray_pool]["ray"] else ""
 
     small, big = args.sizes[0], args.sizes[-1]
 
@@ -348,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{rss_small:.0f} -> {rss_big:.0f} MiB ({(rss_big - rss_small) / rss_small:+.1%}), "
         f"pool stages {pool_small:.0f} -> {pool_big:.0f} MiB "
         f"({(pool_big - pool_small) / pool_small:+.1%}) for {big / small:.1f}x the pool"
+        + (f" | {engine}" if engine else "")
     )
     return 0
 
