@@ -53,7 +53,7 @@ def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 def _suppress(boxes: list[Box], iou_threshold: float) -> list[Box]:
     """Keep the larger of any two boxes overlapping by more than ``iou_threshold``."""
     kept: list[Box] = []
-    for box in sorted(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True):
+    for box in sorted(boxes, key=lambda b: (-(b[2] - b[0]) * (b[3] - b[1]), b)):
         if all(box_iou(box, k) <= iou_threshold for k in kept):
             kept.append(box)
     return kept
@@ -194,7 +194,8 @@ class HaarCascadeDetector:
                 )
                 frame_w = gray.shape[1]
                 rects.extend((frame_w - x - w, y, w, h) for x, y, w, h in found)
-        boxes = frame.to_image_boxes(rects)
+        # Sorted: OpenCV returns the boxes in an order that depends on its thread count.
+        boxes = sorted(frame.to_image_boxes(rects))
         return _suppress(boxes, self.iou_threshold) if len(self.cascades) > 1 else boxes
 
 

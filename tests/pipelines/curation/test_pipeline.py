@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from conftest import curation_catalog, curation_params
+from conftest import curation_catalog, curation_params, tiny_curation_inputs
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog
 from kedro.runner import SequentialRunner
@@ -23,7 +23,7 @@ from PIL import Image
 from aim_kedro.curation.blur import grown_boxes, resize_shorter_side, scale_boxes
 from aim_kedro.curation.faces import box_iou, make_detector
 from aim_kedro.curation.index import decode_image
-from aim_kedro.curation.shards import ShardSet, image_bytes, sample_json, write_shards
+from aim_kedro.curation.shards import ShardSet, image_bytes, sample_json
 from aim_kedro.pipelines.curation import create_pipeline
 from aim_kedro.pipelines.curation.nodes import (
     detect_faces_node,
@@ -95,53 +95,9 @@ def test_parameters_validate_and_name_the_fix() -> None:
 # --- a tiny synthetic pool, run through the whole pipeline on the real catalog types ---------
 
 
-def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
-
-
-def _picture(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
-        (64, 64), Image.Resampling.BICUBIC
-    )
-
-
-def _tiny_inputs(root: Path) -> dict[str, str]:
-    probe = [
-        {"__key__": f"p{i}", "png": _png(_picture(100 + i)), "cls": str(i),
-         "json": {"eval_id": f"digits-{i:04d}", "label": i}}
-        for i in range(4)
-    ]
-    pool = [
-        {"__key__": f"k{i:03d}", "png": _png(_picture(i)), "txt": f"picture number {i}",
-         "json": {"uid": f"uid{i:03d}", "source": "test"}}
-        for i in range(20)
-    ]
-    pool.append({"__key__": "copy", "png": pool[3]["png"], "txt": "picture number 3",
-                 "json": {"uid": "copy", "source": "test"}})
-    pool.append({"__key__": "leak", "png": probe[1]["png"], "txt": "a leaked digit",
-                 "json": {"uid": "leak", "source": "test"}})
-    pool.append({"__key__": "broken", "png": b"not a png", "txt": "broken image",
-                 "json": {"uid": "broken", "source": "test"}})
-    pool.append({"__key__": "mute", "png": _png(_picture(50)), "json": {"uid": "mute"}})
-    trusted = [
-        {"__key__": f"t{i}", "png": _png(_picture(200 + i)), "txt": f"trusted picture {i}"}
-        for i in range(16)
-    ]
-    paths = {}
-    for name, samples, per_shard in (("raw_pool", pool, 6), ("probe_test", probe, 10),
-                                     ("trusted_pairs", trusted, 10)):
-        folder = root / name
-        write_shards(samples, str(folder), samples_per_shard=per_shard)
-        paths[name] = str(folder)
-    return paths
-
-
 def test_tiny_pool_runs_end_to_end(tmp_path: Path) -> None:
     params = curation_params(keep_fraction=0.5, min_shorter_side=32)
-    inputs = _tiny_inputs(tmp_path / "inputs")
+    inputs = tiny_curation_inputs(tmp_path / "inputs")
     catalog = curation_catalog(tmp_path, inputs)
     catalog["params:curation"] = params
     SequentialRunner().run(create_pipeline(), catalog)
@@ -182,7 +138,7 @@ def test_open_clip_scoring_skips_the_filter_network(tmp_path: Path) -> None:
     from aim_kedro.pipelines.curation.nodes import train_filter_network_node
 
     params = {**copy.deepcopy(PARAMS), "scoring": {"model": "open_clip", "model_name": "RN50"}}
-    pool = ShardSet.open(_tiny_inputs(tmp_path)["trusted_pairs"])
+    pool = ShardSet.open(tiny_curation_inputs(tmp_path)["trusted_pairs"])
     out = train_filter_network_node(pool, params)
     assert out["state_dict"] == {} and out["metadata"]["skipped"] is True
 

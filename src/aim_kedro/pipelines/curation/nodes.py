@@ -14,6 +14,7 @@ before any work; the run hook calls ``validate_curation_params`` before the firs
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
+from aim_kedro.curation import ray_engine
 from aim_kedro.curation.clip_score import (
     ClipScorer,
     ModelUnavailableError,
@@ -42,6 +44,7 @@ from aim_kedro.curation.filters import (
     select_by_score,
 )
 from aim_kedro.curation.index import IndexConfig, build_index, decode_selected
+from aim_kedro.curation.ray_engine import ExecutorConfig
 from aim_kedro.curation.report import (
     funnel,
     plot_funnel,
@@ -155,11 +158,12 @@ class CurationConfig:
     faces: dict[str, Any]
     subset: SubsetConfig
     report: ReportConfig
+    executor: ExecutorConfig = ExecutorConfig()
 
 
 SECTIONS = (
     "progress", "index", "filter_network", "scoring", "filters", "dedup", "faces", "subset",
-    "report",
+    "report", "executor",
 )
 
 
@@ -194,6 +198,7 @@ def validate_curation_params(params: Mapping[str, Any]) -> CurationConfig:
         faces=detector,
         subset=SubsetConfig.from_dict(params.get("subset")),
         report=_from_dict(ReportConfig, params.get("report"), "curation.report"),
+        executor=ExecutorConfig.from_dict(params.get("executor")),
     )
 
 
@@ -207,7 +212,10 @@ def build_pool_index(raw_pool: ShardSet, params: dict[str, Any]) -> tuple[pl.Dat
     """Decode every pool sample safely and index it (sizes, hashes, caption, reject reason)."""
     cfg = validate_curation_params(params)
     start = time.perf_counter()
-    index, summary = build_index(raw_pool, cfg.index, progress=cfg.progress)
+    if cfg.executor.kind == "ray":
+        index, summary = ray_engine.build_index(raw_pool, cfg.index, cfg.executor, cfg.progress)
+    else:
+        index, summary = build_index(raw_pool, cfg.index, progress=cfg.progress)
     summary["seconds"] = _done(
         "build_pool_index", start, "%d samples in %d shards, %d valid, rejected %s",
         index.height, summary["shards"], summary["valid"], summary["rejected"],
@@ -242,8 +250,11 @@ def train_filter_network_node(trusted_pairs: ShardSet, params: dict[str, Any]) -
     return checkpoint
 
 
-def load_scorer(cfg: CurationConfig, filter_network: Mapping[str, Any] | None) -> ClipScorer:
-    """The scoring model that ``curation.scoring`` names."""
+def scorer_loader(
+    cfg: CurationConfig, filter_network: Mapping[str, Any] | None
+) -> functools.partial[ClipScorer]:
+    """``load_clip_model`` bound to the model ``curation.scoring`` names, not yet called: Ray
+    ships it to each scoring actor, which then imports only the scoring library."""
     s = cfg.scoring
     if s.model == "filter_network":
         if not filter_network or not filter_network.get("state_dict"):
@@ -251,14 +262,19 @@ def load_scorer(cfg: CurationConfig, filter_network: Mapping[str, Any] | None) -
                 "curation.scoring.model is filter_network but the filter_network checkpoint is "
                 "empty; run the train_filter_network node with that setting first"
             )
-        return load_clip_model(
-            "", checkpoint=filter_network, device=s.device, precision=s.precision,
-            batch_size=s.batch_size,
+        return functools.partial(
+            load_clip_model, "", checkpoint=filter_network, device=s.device,
+            precision=s.precision, batch_size=s.batch_size,
         )
-    return load_clip_model(
-        str(s.model_name), pretrained=s.pretrained, device=s.device, precision=s.precision,
-        batch_size=s.batch_size,
+    return functools.partial(
+        load_clip_model, str(s.model_name), pretrained=s.pretrained, device=s.device,
+        precision=s.precision, batch_size=s.batch_size,
     )
+
+
+def load_scorer(cfg: CurationConfig, filter_network: Mapping[str, Any] | None) -> ClipScorer:
+    """The scoring model that ``curation.scoring`` names."""
+    return scorer_loader(cfg, filter_network)()
 
 
 def check_scoring_model(params: dict[str, Any]) -> None:
@@ -277,6 +293,52 @@ def check_scoring_model(params: dict[str, Any]) -> None:
         ) from exc
 
 
+def _score_tables(
+    result: Mapping[str, np.ndarray], summary: dict[str, Any], start: float, where: str
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+    """``clip_scores`` and ``clip_embeddings`` from scoring arrays, and the node's summary."""
+    uids = pl.Series(result["uid"].tolist(), dtype=pl.String)
+    scores = pl.DataFrame({
+        "uid": uids,
+        "clip_score": pl.Series(result["clip_score"], dtype=pl.Float32),
+        "nsfw_score": pl.Series(result["nsfw_score"], dtype=pl.Float32),
+    })
+    embeddings = pl.DataFrame({
+        "uid": uids,
+        "image_emb": pl.Series(result["image_emb"].astype(np.float16)),
+        "text_emb": pl.Series(result["text_emb"].astype(np.float16)),
+    })
+    summary = {
+        **summary,
+        "scored": scores.height,
+        "embed_dim": int(result["image_emb"].shape[1]),
+        "nan_scores": int(scores["clip_score"].is_nan().sum()),
+    }
+    summary["seconds"] = _done(
+        "score_pool", start, "%d samples scored with %s%s", scores.height, summary["model"], where
+    )
+    return scores, embeddings, summary
+
+
+def _score_pool_on_ray(
+    raw_pool: ShardSet,
+    pool_index: pl.DataFrame,
+    filter_network: dict[str, Any],
+    cfg: CurationConfig,
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+    """``score_pool`` on Ray Data: decode tasks and an actor pool of scorers (each loads the
+    model itself), same tables; the per-shard cache is not used on this path."""
+    start = time.perf_counter()
+    result, counts = ray_engine.score_index(
+        scorer_loader(cfg, filter_network), raw_pool,
+        pool_index.filter(pl.col("reject_reason").is_null()), cfg.index,
+        cfg.scoring.batch_size, cfg.scoring.nsfw(cfg.filters.nsfw_threshold), cfg.executor,
+        want_gpu=cfg.scoring.device != "cpu", progress=cfg.progress,
+    )
+    model = counts.pop("model")
+    return _score_tables(result, {"model": model, "executor": "ray", **counts}, start, " on Ray")
+
+
 def score_pool(
     raw_pool: ShardSet,
     pool_index: pl.DataFrame,
@@ -288,6 +350,8 @@ def score_pool(
     shard by shard; each finished shard goes to ``clip_score_cache``, so a killed run resumes
     from the finished shards. Returns clip_scores, clip_embeddings and a summary."""
     cfg = validate_curation_params(params)
+    if cfg.executor.kind == "ray":
+        return _score_pool_on_ray(raw_pool, pool_index, filter_network, cfg)
     start = time.perf_counter()
     scorer = load_scorer(cfg, filter_network)
     nsfw = cfg.scoring.nsfw(cfg.filters.nsfw_threshold)
@@ -296,32 +360,7 @@ def score_pool(
         scorer, raw_pool, valid, cfg.index, cfg.scoring.batch_size, nsfw,
         cache=clip_score_cache, progress=cfg.progress,
     )
-    uids = pl.Series(result["uid"].tolist(), dtype=pl.String)
-    scores = pl.DataFrame(
-        {
-            "uid": uids,
-            "clip_score": pl.Series(result["clip_score"], dtype=pl.Float32),
-            "nsfw_score": pl.Series(result["nsfw_score"], dtype=pl.Float32),
-        }
-    )
-    embeddings = pl.DataFrame(
-        {
-            "uid": uids,
-            "image_emb": pl.Series(result["image_emb"].astype(np.float16)),
-            "text_emb": pl.Series(result["text_emb"].astype(np.float16)),
-        }
-    )
-    summary = {
-        "model": scorer.model_name,
-        "scored": scores.height,
-        "embed_dim": scorer.embed_dim,
-        "nan_scores": int(scores["clip_score"].is_nan().sum()),
-        **counts,
-    }
-    summary["seconds"] = _done(
-        "score_pool", start, "%d samples scored with %s", scores.height, scorer.model_name
-    )
-    return scores, embeddings, summary
+    return _score_tables(result, {"model": scorer.model_name, **counts}, start, "")
 
 
 def apply_filters(
@@ -507,7 +546,12 @@ def detect_faces_node(
     start = time.perf_counter()
     detector = make_detector(**cfg.faces)
     kept = pool_manifest.filter(pl.col("kept")).select("uid", "shard", "key", "position")
-    table, summary = detect_faces(detector, raw_pool, kept, cfg.index, progress=cfg.progress)
+    if cfg.executor.kind == "ray":
+        table, summary = ray_engine.detect_faces(
+            detector, raw_pool, kept, cfg.index, cfg.executor, progress=cfg.progress
+        )
+    else:
+        table, summary = detect_faces(detector, raw_pool, kept, cfg.index, progress=cfg.progress)
     summary["seconds"] = _done(
         "detect_faces", start, "%d faces in %d of %d kept images", summary["faces"],
         summary["images_with_faces"], summary["images"],
@@ -552,7 +596,12 @@ def write_dfn_subset(
         "shorter_side": cfg.subset.shorter_side,
         "image_format": cfg.subset.image_format,
     }
-    samples = iter_subset(raw_pool, rows, cfg.subset, cfg.index, stats, progress=cfg.progress)
+    if cfg.executor.kind == "ray":
+        samples = ray_engine.iter_subset(
+            raw_pool, rows, cfg.subset, cfg.index, cfg.executor, stats, progress=cfg.progress
+        )
+    else:
+        samples = iter_subset(raw_pool, rows, cfg.subset, cfg.index, stats, progress=cfg.progress)
     logger.info(
         "write_dfn_subset: streaming %d samples (%d with faces) to the shard writer",
         rows.height, stats["with_faces"],
