@@ -20,14 +20,14 @@ not grow with the pool; the summary gives the peak over the whole run and over t
 see the pool (all but the filtering-network training, whose cost does not depend on the pool).
 CPU seconds per 10k items are the subprocess's user + system time per stage.
 
-Ray: after the local run of the largest pool, the same subprocess starts a local Ray of
-``--ray-cpus`` CPUs (timed apart) and runs the four per-shard nodes again with
+Ray: after the local run of the largest pool (the smaller one with ``--quick``), the same
+subprocess starts a local Ray of ``--ray-cpus`` CPUs (timed apart) and runs the four per-shard nodes again with
 ``curation.executor.kind: ray`` (as ``kedro run -e ray`` does), on the same inputs loaded from
 the catalog, saving to a second catalog: a second table gives items/s of each node local vs Ray
 on this machine (the engine's overhead), and whether the Ray outputs equal the local ones.
 ``--no-ray`` skips it.
 
-    .venv/bin/python bench/curation.py --quick                   # 300 and 600 images at 64 px
+    .venv/bin/python bench/curation.py --quick                   # 200 and 400 images at 64 px
     .venv/bin/python bench/curation.py --pool-size 10000 --image-size 256
 """
 
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool-size", type=int, default=None,
                         help="the larger pool; the smaller is half of it (default 10000, "
-                             "quick 600)")
+                             "quick 400)")
     parser.add_argument("--pool-sizes", default=None,
                         help="comma-separated pool sizes instead of --pool-size (e.g. 2000,8000)")
     parser.add_argument("--image-size", type=int, default=None,
@@ -98,15 +98,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="show the pipeline's logs")
     parser.add_argument("--quick", action="store_true",
-                        help="pools of 300 and 600 images at 64 px, 1 filter-network step")
+                        help="pools of 200 and 400 images at 64 px, 1 filter-network step, "
+                             "Ray on the smaller pool (< 1 min on 2 cores)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.pool_sizes:
         args.sizes = sorted(int(s) for s in args.pool_sizes.split(","))
     else:
-        big = args.pool_size or (600 if args.quick else 10_000)
+        big = args.pool_size or (400 if args.quick else 10_000)
         args.sizes = [max(1, big // 2), big]
-    args.ray_pool = args.sizes[-1]
+    args.ray_pool = args.sizes[0] if args.quick else args.sizes[-1]
     args.image_size = args.image_size or (64 if args.quick else 256)
     args.samples_per_shard = args.samples_per_shard or (100 if args.quick else 1000)
     args.trusted_pairs = args.trusted_pairs or (128 if args.quick else 2000)
