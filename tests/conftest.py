@@ -2,6 +2,9 @@
 
 import os
 import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,26 +90,47 @@ def curation_catalog(root: Path, inputs: dict[str, str], truth: str | None = Non
     return catalog
 
 
-def tiny_curation_inputs(root: Path) -> dict[str, str]:
-    """A 24-sample raw pool in 4 shards (20 distinct pictures, an exact copy, a leak of a
-    probe_test image, a broken image, a sample without caption), 4 probe_test images and 16
-    trusted pairs, written as shard folders under ``root``; their paths by catalog name."""
+def noise_png(seed: int, size: int = 64) -> bytes:
+    """A smooth random picture (8 x 8 noise scaled up) as PNG bytes: distinct per seed."""
     import io
 
     import numpy as np
     from PIL import Image
 
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+        (size, size), Image.Resampling.BICUBIC
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: float,
+                 what: str) -> None:
+    """Kill ``proc`` with SIGKILL as soon as ``ready()`` holds; fail if it ends first or if
+    ``what`` has not happened within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the child ended before it could be killed ({what})"
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} did not happen within {timeout_s:.0f} s")
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def tiny_curation_inputs(root: Path) -> dict[str, str]:
+    """A 24-sample raw pool in 4 shards (20 distinct pictures, an exact copy, a leak of a
+    probe_test image, a broken image, a sample without caption), 4 probe_test images and 16
+    trusted pairs, written as shard folders under ``root``; their paths by catalog name."""
+
+
     from aim_kedro.curation.shards import write_shards
 
-    def png(seed: int) -> bytes:
-        rng = np.random.default_rng(seed)
-        image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
-            (64, 64), Image.Resampling.BICUBIC
-        )
-        buffer = io.BytesIO()
-        image.save(buffer, "PNG")
-        return buffer.getvalue()
-
+    png = noise_png
     probe = [
         {"__key__": f"p{i}", "png": png(100 + i), "cls": str(i),
          "json": {"eval_id": f"digits-{i:04d}", "label": i}}

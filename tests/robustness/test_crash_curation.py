@@ -3,22 +3,17 @@
 
 from __future__ import annotations
 
-import io
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 import yaml
-from conftest import TINY_FILTER_NETWORK
+from conftest import TINY_FILTER_NETWORK, noise_png, sigkill_when
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
-from PIL import Image
 
 from aim_kedro.curation.shards import write_shards
 
@@ -43,25 +38,15 @@ with KedroSession.create(project_path=root) as session:
 """
 
 
-def _png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
-        (48, 48), Image.Resampling.BICUBIC
-    )
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _project(root: Path, make_project_copy) -> Path:
     """A project copy whose conf/local points the curation inputs at a 6-shard test pool."""
     project = make_project_copy(root / "project")
     inputs = root / "inputs"
-    pool = [{"__key__": f"k{i:03d}", "png": _png(i), "txt": f"picture number {i}",
+    pool = [{"__key__": f"k{i:03d}", "png": noise_png(i, 48), "txt": f"picture number {i}",
              "json": {"uid": f"{i:032x}"}} for i in range(SHARDS * 8)]
-    trusted = [{"__key__": f"t{i}", "png": _png(500 + i), "txt": f"trusted picture {i}"}
+    trusted = [{"__key__": f"t{i}", "png": noise_png(500 + i, 48), "txt": f"trusted picture {i}"}
                for i in range(16)]
-    probe = [{"__key__": f"p{i}", "png": _png(900 + i), "cls": str(i)} for i in range(4)]
+    probe = [{"__key__": f"p{i}", "png": noise_png(900 + i, 48), "cls": str(i)} for i in range(4)]
     for name, samples, per_shard in (("raw_pool", pool, 8), ("trusted_pairs", trusted, 16),
                                      ("probe_test", probe, 4)):
         write_shards(samples, str(inputs / name), samples_per_shard=per_shard)
@@ -94,15 +79,7 @@ def _run(project: Path, **kwargs) -> None:
 def test_sigkill_mid_scoring_then_resume_matches_uninterrupted(tmp_path: Path, make_project_copy) -> None:
     project = _project(tmp_path, make_project_copy)
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(project)], cwd=project)
-    deadline = time.monotonic() + 180
-    try:
-        while len(_entries(project)) < 2:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "scoring did not start within 180 s"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    sigkill_when(proc, lambda: len(_entries(project)) >= 2, 180, "scoring two shards")
     finished = len(_entries(project))
     assert 2 <= finished < SHARDS
     assert not (project / "data/04_feature/clip_scores.parquet").exists()

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import sigkill_when
 from PIL import Image
 
 from aim_kedro.aim.data import split_sources
@@ -62,21 +61,12 @@ def test_sigkill_between_checkpoints_then_resume_matches_uninterrupted(tmp_path:
     child_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(_cfg()).items()}
     payload = json.dumps({"shards": shards, "cfg": child_cfg, "run_dir": str(run_dir)})
     proc = subprocess.Popen([sys.executable, "-c", CHILD, payload])
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            last = run_dir / LAST
-            if last.exists():
-                step = torch.load(last, map_location="cpu", weights_only=False)["step"]
-                if 2 <= step < 30:
-                    break
-            assert proc.poll() is None, "the child ended before it could be killed"
-            time.sleep(0.05)
-        else:
-            pytest.fail("no checkpoint appeared within 120 s")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+
+    def between_checkpoints() -> bool:
+        last = run_dir / LAST
+        return last.exists() and 2 <= torch.load(last, map_location="cpu", weights_only=False)["step"] < 30
+
+    sigkill_when(proc, between_checkpoints, 120, "a checkpoint at step 2-29")
     killed_at = torch.load(run_dir / LAST, map_location="cpu", weights_only=False)["step"]
     assert 2 <= killed_at < 40, "the kill landed between checkpoints, before the end"
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from conftest import sigkill_when
 from kedro.io import Version
 
 from aim_kedro.datasets import WebDatasetShards
@@ -33,15 +32,8 @@ WebDatasetShards(filepath=path, samples_per_shard=1, version=Version(None, None)
 def test_sigkill_mid_save_leaves_the_previous_version_latest(tmp_path: Path) -> None:
     path = tmp_path / "pool"
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path)])
-    deadline = time.monotonic() + 60
-    try:
-        while len(list(tmp_path.rglob("shard-*.tar"))) < 2 + 3:
-            assert proc.poll() is None, "the save ended before it could be killed"
-            assert time.monotonic() < deadline, "the second save did not start within 60 s"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    sigkill_when(proc, lambda: len(list(tmp_path.rglob("shard-*.tar"))) >= 2 + 3, 60,
+                 "the second save writing 3 shards")
     assert len(list(tmp_path.rglob("shard-*.tar"))) >= 5, "the killed save had written shards"
     versions = [p for p in path.iterdir() if not p.name.startswith(".")]
     assert len(versions) == 1
