@@ -23,6 +23,14 @@ torch.set_num_threads(int(os.environ.get("AIM_KEDRO_TEST_THREADS", "1")))
 
 
 PROJECT = Path(__file__).resolve().parents[1]
+# The published AIM v1 format and golden model (shared/reference of the workspace): next to the
+# checkout, at /work/shared, or where AIM_KEDRO_REFERENCE points.
+REFERENCE = next(
+    (path for path in (Path(os.environ.get("AIM_KEDRO_REFERENCE", PROJECT.parent / "shared" /
+                                           "reference")), Path("/work/shared/reference"))
+     if path.is_dir()),
+    PROJECT.parent / "shared" / "reference",
+)
 DATA_LAYERS = ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input",
                "06_models", "07_model_output", "08_reporting")
 

@@ -2,10 +2,10 @@
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REFERENCE
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,7 +22,7 @@ from aim_kedro.aim.interop import from_ml_aim
 from aim_kedro.aim.model import AIM
 from aim_kedro.aim.presets import get_config
 
-REF = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+REF = REFERENCE
 
 
 @pytest.fixture(scope="module")

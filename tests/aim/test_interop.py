@@ -1,17 +1,17 @@
 """AIM v1 (apple/ml-aim) checkpoint interop: golden outputs, round trip, 600M layout."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REFERENCE
 from safetensors.torch import load_file, save_file
 
 from aim_kedro.aim.interop import from_ml_aim, load_aim_v1_checkpoint, to_ml_aim
 from aim_kedro.aim.model import AIM, AIMProbeModel
 from aim_kedro.aim.presets import get_config
 
-REF = Path("/work/shared/reference")
+REF = REFERENCE
 pytestmark = pytest.mark.skipif(not REF.is_dir(), reason="reference checkpoint files not present")
 
 
