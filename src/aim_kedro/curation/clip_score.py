@@ -438,12 +438,20 @@ def score_index(
             "score pool: %d of %d shards resumed from %s, %d scored",
             counts["resumed_shards"], counts["shards"], cache, counts["scored_shards"],
         )
+    return concat_score_parts(parts, scorer.embed_dim), counts
+
+
+def concat_score_parts(
+    parts: Sequence[Mapping[str, np.ndarray]], embed_dim: int
+) -> dict[str, np.ndarray]:
+    """The ``SCORE_FIELDS`` of per-shard (or per-batch) results joined in order, uids as
+    Python strings; empty arrays of width ``embed_dim`` when there are no parts."""
     if not parts:
-        empty = _empty_result(scorer.embed_dim)
-        return {name: empty[name] for name in SCORE_FIELDS}, counts
+        empty = _empty_result(embed_dim)
+        return {name: empty[name] for name in SCORE_FIELDS}
     out = {name: np.concatenate([np.asarray(p[name]) for p in parts]) for name in SCORE_FIELDS}
     out["uid"] = out["uid"].astype(object)
-    return out, counts
+    return out
 
 
 def _hub_offline() -> bool:

@@ -417,7 +417,7 @@ def score_index(
     ``make_scorer`` must pickle (it runs in each actor). With ``executor.scoring_batch_size``
     unset the batches are those of the local path, so the arrays are bit-identical to it.
     """
-    from aim_kedro.curation.clip_score import SCORE_FIELDS, score_shard
+    from aim_kedro.curation.clip_score import concat_score_parts
 
     start = time.perf_counter()
     chunk = int(executor.scoring_batch_size or batch_size)
@@ -426,8 +426,7 @@ def score_index(
                               "resumed_shards": 0}
     if not items:
         scorer = make_scorer()
-        empty = score_shard(scorer, [], batch_size, nsfw, progress=False)
-        return {name: empty[name] for name in SCORE_FIELDS}, {**counts, "model": scorer.model_name}
+        return concat_score_parts([], scorer.embed_dim), {**counts, "model": scorer.model_name}
     ensure_ray(executor)
     import ray.data
 
@@ -450,8 +449,7 @@ def score_index(
         )
         rows = sorted(ds.iter_rows(), key=lambda r: (r["order"], r["chunk"]))
     parts = [pickle.loads(r["result"]) for r in rows]
-    out = {name: np.concatenate([np.asarray(p[name]) for p in parts]) for name in SCORE_FIELDS}
-    out["uid"] = out["uid"].astype(object)
+    out = concat_score_parts(parts, int(np.asarray(parts[0]["image_emb"]).shape[1]))
     if len(out["uid"]) != index.height:
         raise RuntimeError(f"ray scored {len(out['uid'])} samples for {index.height} index rows")
     counts.update(model=rows[0]["model"], scoring_actors=int(executor.scoring_actors),
