@@ -74,18 +74,24 @@ def curation_params(**filters) -> dict:
     return conf
 
 
+def catalog_entries() -> dict:
+    """The project's catalog entries as conf/base (+ local) define them."""
+    from kedro.config import OmegaConfigLoader
+
+    return OmegaConfigLoader(str(PROJECT / "conf"), base_env="base", default_run_env="local")[
+        "catalog"
+    ]
+
+
 def curation_catalog(root: Path, inputs: dict[str, str], truth: str | None = None):
     """conf/base's curation catalog with every file under ``root``/data and the shard inputs
     (``raw_pool``, ``probe_test``, ``trusted_pairs``) at the given folders."""
     import polars as pl
-    from kedro.config import OmegaConfigLoader
     from kedro.io import DataCatalog
 
     from aim_kedro.pipelines.curation import create_pipeline
 
-    entries = OmegaConfigLoader(str(PROJECT / "conf"), base_env="base", default_run_env="local")[
-        "catalog"
-    ]
+    entries = catalog_entries()
     conf: dict = {}
     for name in create_pipeline().all_outputs() | {"clip_score_cache"}:
         entry = dict(entries[name])

@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from conftest import TINY_FILTER_NETWORK, noise_png, sigkill_when
+from conftest import curation_params, noise_png, sigkill_when
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
@@ -52,12 +52,12 @@ def _project(root: Path, make_project_copy) -> Path:
         write_shards(samples, str(inputs / name), samples_per_shard=per_shard)
     catalog = {name: {"type": "aim_kedro.datasets.WebDatasetShards", "filepath": str(inputs / name)}
                for name in ("raw_pool", "trusted_pairs", "probe_test")}
-    params = yaml.safe_load((project / "conf/base/parameters_curation.yml").read_text())
-    params["curation"].update(progress=False, filter_network=dict(TINY_FILTER_NETWORK))
-    params["curation"]["scoring"]["batch_size"] = 4
-    params["curation"]["filters"]["keep_fraction"] = 0.5
+    params = curation_params(keep_fraction=0.5)
+    params["scoring"]["batch_size"] = 4
     (project / "conf/local/catalog.yml").write_text(yaml.safe_dump(catalog))
-    (project / "conf/local/parameters_curation.yml").write_text(yaml.safe_dump(params))
+    (project / "conf/local/parameters_curation.yml").write_text(
+        yaml.safe_dump({"curation": params})
+    )
     return project
 
 

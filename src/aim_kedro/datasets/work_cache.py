@@ -52,6 +52,6 @@ class ShardResultCacheDataset(AbstractDataset[Any, ShardResultCache]):
     def preview(self, nrows: int = 20) -> TablePreview:
         """Finished entries (stage, fingerprint, shard) for kedro-viz."""
         keys = ShardResultCache(self._filepath, self._fs_args).keys()
-        rows = [key.split("/", 2) + [""] * (3 - len(key.split("/", 2))) for key in keys[:nrows]]
+        rows = [(key.split("/", 2) + ["", ""])[:3] for key in keys[:nrows]]
         return {"columns": ["stage", "fingerprint", "entry"], "index": list(range(len(rows))),
                 "data": rows}

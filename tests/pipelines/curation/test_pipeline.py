@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from conftest import curation_catalog, curation_params, tiny_curation_inputs
+from conftest import catalog_entries, curation_catalog, curation_params, tiny_curation_inputs
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog
 from kedro.runner import SequentialRunner
@@ -48,12 +48,6 @@ NODE_ORDER = [
 INPUTS = {"raw_pool", "trusted_pairs", "probe_test", "sample_truth", "clip_score_cache"}
 
 
-def _catalog_entries() -> dict[str, Any]:
-    return OmegaConfigLoader(str(PROJECT / "conf"), base_env="base", default_run_env="local")[
-        "catalog"
-    ]
-
-
 def test_node_names_are_stable_and_in_data_order() -> None:
     pipe = create_pipeline()
     assert [n.name for n in pipe.nodes] == NODE_ORDER
@@ -65,7 +59,7 @@ def test_node_names_are_stable_and_in_data_order() -> None:
 
 
 def test_every_output_is_a_versioned_catalog_entry() -> None:
-    entries = _catalog_entries()
+    entries = catalog_entries()
     for name in create_pipeline().all_outputs():
         assert name in entries, f"{name} has no catalog entry"
         assert entries[name].get("versioned") is True, f"{name} is not versioned"
