@@ -2,7 +2,7 @@
 
 For each pool size a synthetic pool (the sample pipeline's renderers: coloured digits, photo
 crops, faces pasted into scenes, ~5% exact and near duplicates; JPEG + caption + uid) is written
-as webdataset shards with ``aim_kedro.curation.shards.write_shards``. A FRESH subprocess then
+as webdataset shards with ``aim_kedro.io.shards.write_shards``. A FRESH subprocess then
 runs the real ``curation`` pipeline on it: the nodes of ``aim_kedro.pipelines.curation``, in
 the pipeline's order, on a ``DataCatalog`` built from ``conf/base`` (the project's datasets,
 versioned, with their file paths moved into a temp folder) and the project's
@@ -272,7 +272,7 @@ def write_inputs(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from _common import synthetic_pool
     from kedro.config import OmegaConfigLoader
 
-    from aim_kedro.curation.shards import write_shards
+    from aim_kedro.io.shards import write_shards
     from aim_kedro.pipelines.sample.nodes import build_probe_sets
 
     warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")

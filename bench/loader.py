@@ -1,7 +1,7 @@
 """Pre-training input pipeline: decode + augmentation images/s, and whether it keeps up with training.
 
 1. Stages, one process: shard read (``curation.shards.read_shard``), decode
-   (``aim.data.decode_image``) and AIM's augmentation (``aim.data.train_transform``:
+   (``io.decode.decode_image``) and AIM's augmentation (``aim.data.train_transform``:
    RandomResizedCrop 0.4-1 bicubic, flip, normalise) over the same images.
 2. The training loader (``aim.data.ResumableLoader``, as ``aim.train`` builds it: shuffled,
    per-sample seeded augmentation, batches) for each DataLoader worker count: start-up time
@@ -32,10 +32,11 @@ import torch
 from _common import environment_line, print_table, stats, summary, synthetic_pool, time_call
 from train_step import AIMLoss, adamw, training_step
 
-from aim_kedro.aim.data import ResumableLoader, ShardSource, decode_image, train_transform
+from aim_kedro.aim.data import ResumableLoader, ShardSource, train_transform
 from aim_kedro.aim.model import AIM
 from aim_kedro.aim.presets import PRESETS, get_config
-from aim_kedro.curation.shards import image_bytes, list_shards, read_shard, write_shards
+from aim_kedro.io.decode import decode_image
+from aim_kedro.io.shards import image_bytes, list_shards, read_shard, write_shards
 
 KEEPS_UP = 0.95
 

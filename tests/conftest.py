@@ -142,7 +142,7 @@ def tiny_curation_inputs(root: Path) -> dict[str, str]:
     trusted pairs, written as shard folders under ``root``; their paths by catalog name."""
 
 
-    from aim_kedro.curation.shards import write_shards
+    from aim_kedro.io.shards import write_shards
 
     png = noise_png
     probe = [

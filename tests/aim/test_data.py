@@ -16,7 +16,6 @@ from aim_kedro.aim.data import (
     ResumableLoader,
     ShardSource,
     ShardStream,
-    decode_image,
     eval_batches,
     eval_transform,
     in_split,
@@ -25,7 +24,7 @@ from aim_kedro.aim.data import (
     train_transform,
     val_bucket,
 )
-from aim_kedro.curation.shards import write_shards
+from aim_kedro.io.shards import write_shards
 
 
 def _png(seed: int, size: int = 24) -> bytes:
@@ -46,16 +45,6 @@ def _samples(n: int, tag: str = "a", corrupt: tuple[int, ...] = ()):
 @pytest.fixture()
 def shards(tmp_path):
     return write_shards(_samples(48), str(tmp_path / "a"), samples_per_shard=12)
-
-
-def test_decode_image_returns_rgb():
-    img = Image.new("L", (5, 7), 128)
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    out = decode_image(buf.getvalue())
-    assert out.mode == "RGB" and out.size == (5, 7)
-    with pytest.raises(Exception):  # noqa: B017 - whatever PIL raises, the stream catches it
-        decode_image(b"garbage")
 
 
 def test_transforms_shapes_and_normalisation():

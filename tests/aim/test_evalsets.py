@@ -12,7 +12,7 @@ from aim_kedro.aim.evalsets import (
     open_labelled_pair,
     parse_cls,
 )
-from aim_kedro.curation.shards import ShardSet, write_shards
+from aim_kedro.io.shards import ShardSet, write_shards
 
 
 def png(value: int) -> bytes:

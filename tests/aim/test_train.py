@@ -28,7 +28,7 @@ from aim_kedro.aim.train import (
     train,
     write_launch_config,
 )
-from aim_kedro.curation.shards import write_shards
+from aim_kedro.io.shards import write_shards
 
 
 def _smooth_image(rng: np.random.Generator, size: int) -> bytes:

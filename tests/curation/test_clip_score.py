@@ -32,8 +32,9 @@ from aim_kedro.curation.filter_network import (
 )
 from aim_kedro.curation.index import IndexConfig, build_index
 from aim_kedro.curation.resume import ShardResultCache
-from aim_kedro.curation.shards import ShardSet, write_shards
 from aim_kedro.datasets import AIMCheckpointDataset
+from aim_kedro.io.shards import ShardSet, write_shards
+from aim_kedro.io.uids import default_uid
 
 TINY = FilterNetworkConfig(
     embed_dim=32, image_size=32, vision_width=8, vision_head_width=32, text_width=32,
@@ -153,7 +154,7 @@ def test_records_from_shard_samples(tmp_path, scorer: ClipScorer, images: list[I
     ]
     write_shards(samples, str(tmp_path), samples_per_shard=10)
     records = list(records_from_samples(ShardSet.open(str(tmp_path))))
-    assert [r[0] for r in records] == ["ab" * 16, "001"]
+    assert [r[0] for r in records] == ["ab" * 16, default_uid("shard-000000.tar", "001")]
     assert records[0][1] == samples[0]["png"] and records[1][1] is None
     assert records[0][2] == "a red square"
     out = score_shard(scorer, records, progress=False)

@@ -9,8 +9,8 @@ import webdataset as wds
 from kedro.io import Version
 from PIL import Image
 
-from aim_kedro.curation.shards import ShardSet
 from aim_kedro.datasets import WebDatasetShards
+from aim_kedro.io.shards import ShardSet
 
 
 def _samples(n: int) -> list[dict]:

@@ -18,8 +18,8 @@ from kedro.runner import SequentialRunner
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from aim_kedro.curation.index import default_uid
-from aim_kedro.curation.shards import sample_json, write_shard, write_shards
+from aim_kedro.io.shards import sample_json, write_shard, write_shards
+from aim_kedro.io.uids import default_uid
 from aim_kedro.pipelines.curation import create_pipeline
 
 SIZE = (96, 72)

@@ -15,7 +15,7 @@ from conftest import curation_params, noise_png, sigkill_when
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from aim_kedro.curation.shards import write_shards
+from aim_kedro.io.shards import write_shards
 
 SHARDS = 6
 # The child is the real `kedro run`, with a scorer slowed to 1 s a shard (a big model on a big

@@ -17,7 +17,7 @@ from PIL import Image
 
 from aim_kedro.aim.data import split_sources
 from aim_kedro.aim.train import LAST, TrainConfig, train
-from aim_kedro.curation.shards import write_shards
+from aim_kedro.io.shards import write_shards
 
 CHILD = """
 import json, sys, time

@@ -13,7 +13,7 @@ import torch
 from timm.layers import Attention
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from aim_kedro.aim.masks import prefix_causal_mask
+from aim_kedro.aim.masks import may_attend, prefix_causal_mask
 
 AttnMask = torch.Tensor | BlockMask | None
 
@@ -35,7 +35,7 @@ def prefix_causal_mask_mod(prefix_len: torch.Tensor) -> Callable[..., torch.Tens
     """Flex `mask_mod(b, h, q, kv)` with the semantics of `masks.prefix_causal_mask`."""
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor):
-        return (kv_idx < prefix_len[b]) | (kv_idx <= q_idx)
+        return may_attend(q_idx, kv_idx, prefix_len[b])
 
     return mask_mod
 

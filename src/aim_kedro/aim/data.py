@@ -11,7 +11,6 @@ dry at different times. A sample whose image cannot be decoded is logged and ski
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import logging
 import random
@@ -25,7 +24,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms
 
-from aim_kedro.curation.shards import image_bytes, sample_json
+from aim_kedro.io.decode import decode_image
+from aim_kedro.io.shards import ERROR_KEY, image_bytes, read_shard
+from aim_kedro.io.uids import sample_uid
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +35,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("all", "train", "val")
 
 T = TypeVar("T")
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes (JPEG, PNG, ...) into an RGB PIL image; raises on bad data."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img.convert("RGB")
 
 
 def train_transform(img_size: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -82,12 +76,6 @@ def _hash_int(*parts: Any) -> int:
 def _uniform(*parts: Any) -> float:
     """A stable uniform number in [0, 1) from the given parts (counter-based randomness)."""
     return _hash_int(*parts) / float(1 << 63)
-
-
-def sample_uid(sample: dict[str, Any]) -> str:
-    """The sample's ``uid`` from its ``.json`` member, else its key."""
-    uid = sample_json(sample).get("uid")
-    return str(uid) if uid else str(sample.get("__key__", ""))
 
 
 def val_bucket(uid: str) -> float:
@@ -175,9 +163,15 @@ def split_sources(
     return train, val
 
 
-def _log_and_continue(exn: BaseException) -> bool:
-    logger.warning("skipping unreadable shard data: %r", exn)
-    return True
+def read_samples(shards: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The samples of ``shards`` in order, through the project's one shard reader; a damaged
+    record (a truncated tar, a repeated key) is logged and skipped."""
+    for shard in shards:
+        for sample in read_shard(shard):
+            if ERROR_KEY in sample:
+                logger.warning("skipping %s in %s: %s", sample["__key__"], shard, sample[ERROR_KEY])
+                continue
+            yield sample
 
 
 def _epoch_samples(
@@ -189,17 +183,9 @@ def _epoch_samples(
         random.Random(_hash_int(seed, "shards", epoch)).shuffle(shards)
     by_shard = len(shards) >= num_slots
     mine = shards[slot::num_slots] if by_shard else shards
-    stream: Iterator[dict[str, Any]] = iter(
-        wds.WebDataset(
-            mine,
-            shardshuffle=False,
-            nodesplitter=None,
-            workersplitter=None,
-            handler=_log_and_continue,
-            empty_check=False,
-        )
+    stream: Iterator[dict[str, Any]] = (
+        s for s in read_samples(mine) if in_split(s, source.split, source.val_percent)
     )
-    stream = (s for s in stream if in_split(s, source.split, source.val_percent))
     if not by_shard:
         stream = itertools.islice(stream, slot, None, num_slots)
     if shuffle_buffer > 0:
@@ -313,7 +299,7 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict, name: str, epoch: int, slot: int, pos: int) -> torch.Tensor | None:
         found = image_bytes(sample)
-        where = f"{sample.get('__key__')} in {sample.get('__url__')}"
+        where = f"{sample.get('__key__')} in {sample.get('__shard__')}"
         if found is None:
             logger.warning("skipping sample %s: no image member", where)
             return None

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from aim_kedro.curation.shards import ERROR_KEY, IMAGE_EXTENSIONS, ShardSet, image_bytes
+from aim_kedro.io.shards import ERROR_KEY, IMAGE_EXTENSIONS, ShardSet, image_bytes
 
 logger = logging.getLogger(__name__)
 

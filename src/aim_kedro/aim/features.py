@@ -19,10 +19,11 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from aim_kedro.aim.data import decode_image, eval_transform
+from aim_kedro.aim.data import eval_transform
 from aim_kedro.aim.evalsets import LabelledSet
 from aim_kedro.aim.model import AIMTrunk
 from aim_kedro.aim.presets import AIMConfig
+from aim_kedro.io.decode import decode_image
 
 logger = logging.getLogger(__name__)
 

@@ -5,17 +5,26 @@ from __future__ import annotations
 import torch
 
 
+def may_attend(q_idx: torch.Tensor, kv_idx: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
+    """AIM's prefix-causal rule: query i may attend key j when j < prefix_len or j <= i.
+
+    Elementwise on broadcastable index tensors; both the dense SDPA mask and the FlexAttention
+    ``mask_mod`` are this one rule.
+    """
+    return (kv_idx < prefix_len) | (kv_idx <= q_idx)
+
+
 def prefix_causal_mask(prefix_len: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Bool [B, 1, N, N], True where query i may attend key j: j < prefix_len[b] or j <= i.
+    """Bool [B, 1, N, N], True where query i may attend key j (``may_attend``).
 
     The boolean convention is the one `F.scaled_dot_product_attention` takes (True = attend).
     """
     if prefix_len.ndim != 1:
         raise ValueError(f"prefix_len must be 1-D [B], got shape {tuple(prefix_len.shape)}.")
     idx = torch.arange(num_tokens, device=prefix_len.device)
-    causal = idx[None, :] <= idx[:, None]  # [N_q, N_k]
-    prefix = idx[None, None, :] < prefix_len.to(idx.dtype)[:, None, None]  # [B, 1, N_k]
-    return (causal[None] | prefix).unsqueeze(1)
+    q_idx = idx[None, :, None]  # [1, N_q, 1]
+    kv_idx = idx[None, None, :]  # [1, 1, N_k]
+    return may_attend(q_idx, kv_idx, prefix_len.to(idx.dtype)[:, None, None]).unsqueeze(1)
 
 
 def sample_prefix_len(

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aim_kedro.common.config import check_keys, from_mapping
+
 ATTN_BACKENDS = ("sdpa", "flex")
 DEFAULT_NUM_PROBE_LAYERS = 6
 
@@ -121,11 +123,7 @@ class AIMConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AIMConfig:
         """Inverse of `to_dict`; unknown keys raise ValueError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown AIMConfig keys {unknown}; known keys: {sorted(known)}.")
-        return cls(**dict(data))
+        return from_mapping(cls, data, "AIMConfig")
 
 
 _PRESET_ARGS: dict[str, dict[str, Any]] = {
@@ -163,10 +161,5 @@ def get_config(preset: str, **overrides: Any) -> AIMConfig:
     """
     if preset not in _PRESET_ARGS:
         raise ValueError(f"Unknown preset={preset!r}; known presets: {sorted(_PRESET_ARGS)}.")
-    known = {f.name for f in dataclasses.fields(AIMConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(
-            f"Unknown override(s) {unknown} for preset {preset!r}; known keys: {sorted(known)}."
-        )
+    check_keys(overrides, (f.name for f in dataclasses.fields(AIMConfig)), f"preset {preset!r} override")
     return AIMConfig(**{**_PRESET_ARGS[preset], **overrides})

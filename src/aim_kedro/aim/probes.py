@@ -7,11 +7,11 @@ with ``shots`` labelled images per class (mean and std over several draws).
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,26 +21,11 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from aim_kedro.aim.model import AttentiveProbeHead
+from aim_kedro.common.training import param_groups, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
 PROBE_KINDS = ("attentive", "linear")
-
-
-@contextlib.contextmanager
-def cpu_threads(threads: int | None) -> Iterator[None]:
-    """Run with ``threads`` torch intra-op threads (None: unchanged), restored afterwards.
-
-    Probe steps are tiny: on a busy CPU one thread is many times faster than several that
-    wait for each other.
-    """
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class LinearProbeHead(nn.Module):
@@ -123,27 +108,8 @@ class ProbeTraining:
         return max(self.epochs * per_epoch, self.min_steps)
 
 
-def _param_groups(head: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, param in head.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_matrix = param.ndim >= 2 and "token" not in name
-        (decay if is_matrix else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def _cosine_with_warmup(total_steps: int, warmup_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+def _schedule(step: int, total_steps: int, warmup_steps: int) -> float:
+    return warmup_cosine(step, total_steps, warmup_steps)
 
 
 def _batches(num: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -182,9 +148,11 @@ def train_probe(
     total = training.num_steps(len(features))
     warmup = max(1, int(training.warmup_fraction * total))
     optimizer = torch.optim.AdamW(
-        _param_groups(head, training.weight_decay), lr=lr, betas=training.betas
+        param_groups(head, training.weight_decay, no_decay_names=("token",)), lr=lr, betas=training.betas
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(total, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(_schedule, total_steps=total, warmup_steps=warmup)
+    )
     loss_fn = nn.CrossEntropyLoss()
     labels = labels.long()
     head.train()

@@ -40,6 +40,8 @@ from aim_kedro.aim.data import ResumableLoader, ShardSource, eval_batches
 from aim_kedro.aim.masks import sample_prefix_len
 from aim_kedro.aim.model import AIM
 from aim_kedro.aim.presets import PRESETS, AIMConfig, get_config
+from aim_kedro.common.config import from_mapping
+from aim_kedro.common.training import cpu_threads, param_groups, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +115,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a dict; unknown keys raise ValueError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training parameter(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, "training")
 
     def validate(self, world_size: int = 1) -> AIMConfig:
         """Check every knob (ValueError naming the parameter and the fix); return the model config."""
@@ -184,30 +182,9 @@ class TrainResult:
     intermediate: dict[int, str]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices only; none on biases, norms, position parameters
-    (any parameter with fewer than 2 dimensions, or named ``pos_embed``)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim < 2 or "pos_embed" in name or "position" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0."""
-    peak = cfg.peak_lr()
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return warmup_cosine(step, cfg.total_steps, cfg.warmup_steps, cfg.peak_lr())
 
 
 class _LossModule(nn.Module):
@@ -380,18 +357,6 @@ def _fresh_run_dir(run_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def _cpu_threads(threads: int | None) -> Iterator[None]:
-    """Run with ``threads`` torch intra-op threads (None: leave as is), restored afterwards."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train(
     cfg: TrainConfig,
     train_source: ShardSource,
@@ -399,7 +364,7 @@ def train(
     run_dir: str | Path,
 ) -> TrainResult:
     """Pre-train an AIM; resume from ``run_dir/last.pt`` when it exists and ``cfg.resume``."""
-    with _cpu_threads(cfg.cpu_threads):
+    with cpu_threads(cfg.cpu_threads):
         return _train(cfg, train_source, val_source, Path(run_dir))
 
 

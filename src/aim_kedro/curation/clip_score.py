@@ -9,7 +9,6 @@ machine is offline fails at once with a message saying how to point at a local c
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from tqdm.auto import tqdm
 
+from aim_kedro.common.config import from_mapping
 from aim_kedro.curation.index import IndexConfig, decode_selected
 from aim_kedro.curation.resume import (
     ShardResultCache,
@@ -36,13 +36,14 @@ from aim_kedro.curation.resume import (
     rows_fingerprint,
     tensors_fingerprint,
 )
-from aim_kedro.curation.shards import (
+from aim_kedro.io.decode import decode_or_none
+from aim_kedro.io.shards import (
     Sample,
     ShardSet,
     image_bytes,
-    sample_json,
     sample_text,
 )
+from aim_kedro.io.uids import sample_uid
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +102,7 @@ class NsfwConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> NsfwConfig:
         """Build from a parameters dict; unknown keys raise a ValueError naming the valid ones."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown nsfw parameter(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, values, "nsfw")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -237,28 +233,14 @@ class ClipScorer:
         }
 
 
-def decode_image(data: Image.Image | bytes | None) -> Image.Image | None:
-    """Encoded image bytes (or a PIL image) as an RGB PIL image; None when absent or undecodable."""
-    if data is None:
-        return None
-    if isinstance(data, Image.Image):
-        return data.convert("RGB")
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-
-
 def records_from_samples(samples: Iterable[Sample]) -> Iterator[Record]:
     """Shard samples as ``(uid, image bytes | None, caption | None)`` records for ``score_shard``.
 
-    The uid is the ``.json`` ``uid`` field, else the sample key.
+    The uid follows the project's one rule (``io.uids.sample_uid``).
     """
     for sample in samples:
         found = image_bytes(sample)
-        uid = sample_json(sample).get("uid") or sample["__key__"]
-        yield str(uid), (found[1] if found else None), sample_text(sample)
+        yield sample_uid(sample), (found[1] if found else None), sample_text(sample)
 
 
 def _empty_result(dim: int) -> dict[str, np.ndarray]:
@@ -290,7 +272,7 @@ def score_batch(
     if n == 0:
         return _empty_result(dim)
     uids = np.array([str(r[0]) for r in records], dtype=object)
-    images = [decode_image(r[1]) for r in records]
+    images = [decode_or_none(r[1]) for r in records]
     captions = [r[2] if isinstance(r[2], str) and r[2].strip() else None for r in records]
     has_image = np.array([im is not None for im in images], dtype=bool)
     has_text = np.array([c is not None for c in captions], dtype=bool)

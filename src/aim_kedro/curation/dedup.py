@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from aim_kedro.common.config import from_mapping
 from aim_kedro.curation.index import (
     DecodeError,
     IndexConfig,
@@ -30,7 +31,7 @@ from aim_kedro.curation.index import (
     perceptual_hash,
     pixel_sha256,
 )
-from aim_kedro.curation.shards import Sample, image_bytes, sample_json
+from aim_kedro.io.shards import Sample, image_bytes, sample_json
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +111,7 @@ class DedupConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> DedupConfig:
         """Build from ``curation.dedup``; an unknown key raises a ValueError naming the valid ones."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown curation.dedup parameter(s) {unknown}; valid keys: {sorted(known)}"
-            )
-        return cls(**values)
+        return from_mapping(cls, values, "curation.dedup")
 
 
 @dataclass

@@ -12,12 +12,11 @@ checkpoint=...)`` turns it back into a scorer.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,10 @@ from scipy.stats import rankdata
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
+from aim_kedro.common.config import from_mapping
+from aim_kedro.common.training import cpu_threads, param_groups, warmup_cosine
 from aim_kedro.curation.clip_score import resolve_device
+from aim_kedro.io.decode import decode_image, decode_or_none, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +136,7 @@ class FilterNetworkConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> FilterNetworkConfig:
         """Build from a parameters dict; unknown keys raise a ValueError that lists the valid ones."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown filter_network parameter(s) {unknown}; valid keys: {sorted(known)}"
-            )
-        return cls(**values)
+        return from_mapping(cls, values, "filter_network")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples as lists)."""
@@ -185,13 +180,6 @@ def preprocess_cfg_for(image_size: int) -> dict[str, Any]:
     }
 
 
-def _to_rgb(image: bytes | Image.Image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    with Image.open(io.BytesIO(bytes(image))) as im:
-        return im.convert("RGB")
-
-
 def _decode_pairs(
     pairs: Iterable[tuple[bytes | Image.Image, str]], image_size: int
 ) -> tuple[torch.Tensor, list[str], int]:
@@ -210,9 +198,8 @@ def _decode_pairs(
         if not isinstance(caption, str) or not caption.strip():
             skipped += 1
             continue
-        try:
-            rgb = _to_rgb(image)
-        except (OSError, ValueError, Image.DecompressionBombError):
+        rgb = decode_or_none(image)
+        if rgb is None:
             skipped += 1
             continue
         images.append(geometry(rgb))
@@ -253,20 +240,6 @@ def _augment(x: torch.Tensor, cfg: FilterNetworkConfig, gen: torch.Generator) ->
     if cfg.tint > 0:
         x = x * factor(cfg.tint, 3, 1, 1)
     return x.clamp(0.0, 1.0)
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases, norms, the logit scale and position embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.ndim < 2 or name.endswith("positional_embedding"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 @torch.no_grad()
@@ -312,13 +285,8 @@ def train_filter_network(
     """
     if not isinstance(cfg, FilterNetworkConfig):
         cfg = FilterNetworkConfig.from_dict(cfg)
-    threads = torch.get_num_threads()
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
-    try:
+    with cpu_threads(cfg.num_threads):
         return _train(pairs, cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(
@@ -351,14 +319,8 @@ def _train(
         model = build_filter_model(cfg).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
     )
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return cfg.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
 
     loss_fn = open_clip.ClipLoss()
     losses: list[float] = []
@@ -380,7 +342,7 @@ def _train(
                 x = _augment(x, cfg, gen)
             x = (x.to(device, non_blocking=True) - mean) / std
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = warmup_cosine(step, total_steps, warmup, cfg.lr)
             image_features = model.encode_image(x, normalize=True)
             text_features = model.encode_text(tokens[idx].to(device), normalize=True)
             loss = loss_fn(image_features, text_features, model.logit_scale.exp())
@@ -457,7 +419,7 @@ def wrong_caption_auc(
     images: list[Image.Image] = []
     captions: list[str] = []
     for image, caption in pairs:
-        images.append(_to_rgb(image))
+        images.append(to_rgb(image) if isinstance(image, Image.Image) else decode_image(image))
         captions.append(caption)
     labels = list(groups) if groups is not None else list(captions)
     if len(labels) != len(captions):

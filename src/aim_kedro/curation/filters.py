@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
+
+from aim_kedro.common.config import from_mapping
 
 BASIC_FILTER = "basic_filter"
 NSFW = "nsfw"
@@ -88,14 +90,7 @@ class FilterConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> FilterConfig:
         """Build from ``curation.filters``; an unknown key raises a ValueError naming the valid ones."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown curation.filters parameter(s) {unknown}; valid keys: {sorted(known)}"
-            )
-        return cls(**values)
+        return from_mapping(cls, values, "curation.filters")
 
 
 def caption_words(caption: str | None) -> int:

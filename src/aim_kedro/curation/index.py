@@ -7,13 +7,9 @@ Shards are read one at a time, so memory holds one shard's samples plus the comp
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import logging
-import re
 import time
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,17 +17,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 import scipy.fft
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
-from aim_kedro.curation.shards import (
-    ERROR_KEY,
-    SHARD_KEY,
-    Sample,
-    ShardSet,
-    image_bytes,
-    sample_json,
-)
+from aim_kedro.io.decode import DecodeError, decode_image
+from aim_kedro.io.shards import ERROR_KEY, SHARD_KEY, Sample, ShardSet, image_bytes
+from aim_kedro.io.uids import default_uid, sample_uid
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +45,6 @@ INDEX_SCHEMA: dict[str, pl.DataType] = {
     "reject_reason": pl.String(),
     "reject_detail": pl.String(),
 }
-
-_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 @dataclass(frozen=True)
@@ -90,125 +79,6 @@ class IndexConfig:
                 f"curation.index.color_grid_size must be in [1, 16] cells, got "
                 f"{self.color_grid_size}; 4 keeps 48 bytes per sample"
             )
-
-
-class DecodeError(Exception):
-    """A sample's image cannot be decoded; ``str(exc)`` is the ``reject_detail``."""
-
-
-@contextlib.contextmanager
-def pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Set Pillow's decompression-bomb limit and turn its warning into an error, then restore."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = int(max_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-
-
-def _on_white(image: Image.Image) -> Image.Image:
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _wide_to_rgb(image: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float greyscale scaled to 8 bits (Pillow would clip instead)."""
-    arr = np.asarray(image).astype(np.float64)
-    finite = arr[np.isfinite(arr)]
-    top = float(finite.max()) if finite.size else 0.0
-    if image.mode == "F":
-        low = float(finite.min()) if finite.size else 0.0
-        scale = 255.0 / (top - low) if top > low else 0.0
-        arr = (arr - low) * scale
-    elif top > 255:
-        arr = arr * (255.0 / (65535.0 if top <= 65535 else top))
-    arr = np.nan_to_num(arr, nan=0.0)
-    grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey).convert("RGB")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode as 8-bit RGB: transparency composited on white, wide greyscale rescaled."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode in ("P", "L", "RGB") and "transparency" in image.info
-    ):
-        return _on_white(image)
-    if mode.startswith("I") or mode == "F":
-        return _wide_to_rgb(image)
-    try:
-        return image.convert("RGB")
-    except ValueError as exc:
-        raise DecodeError(f"unsupported image mode {mode}: {exc}") from exc
-
-
-_MAGIC = (
-    (b"\xff\xd8", "jpeg"),
-    (b"\x89PNG", "png"),
-    (b"GIF8", "gif"),
-    (b"BM", "bmp"),
-    (b"II*\x00", "tiff"),
-    (b"MM\x00*", "tiff"),
-)
-
-
-def sniff_format(data: bytes) -> str:
-    """The image format its magic bytes announce ("image" when unknown), for error messages."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    for magic, name in _MAGIC:
-        if data.startswith(magic):
-            return name
-    return "image"
-
-
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Decode image bytes to an upright RGB image (EXIF orientation applied, first frame).
-
-    Raises ``DecodeError`` whose message names what is wrong: "zero-byte image", "cannot identify
-    image", "decompression bomb N px", "truncated jpeg: ...". ``max_pixels`` is Pillow's
-    decompression-bomb limit for this call (None: the current ``Image.MAX_IMAGE_PIXELS``); it is
-    set and restored around the decode only, never across a generator's ``yield``.
-    """
-    if len(data) == 0:
-        raise DecodeError("zero-byte image")
-    guard = pixel_limit(max_pixels) if max_pixels is not None else contextlib.nullcontext()
-    fmt = sniff_format(data)
-    try:
-        with guard:
-            image = Image.open(io.BytesIO(data))
-            fmt = (image.format or fmt).lower()
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit is not None and image.width * image.height > limit:
-                raise DecodeError(f"decompression bomb {image.width * image.height} px")
-            image.seek(0)
-            image.load()
-            try:
-                upright = ImageOps.exif_transpose(image)
-            except Exception:  # noqa: BLE001 - a broken EXIF block must not reject a good image
-                upright = image
-            return to_rgb(upright if upright is not None else image)
-    except DecodeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        match = _BOMB_PIXELS.search(str(exc))
-        pixels = match.group(1) if match else "?"
-        raise DecodeError(f"decompression bomb {pixels} px") from exc
-    except UnidentifiedImageError as exc:
-        raise DecodeError("cannot identify image") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
-        message = str(exc) or type(exc).__name__
-        if "truncated" in message.lower() or isinstance(exc, EOFError):
-            raise DecodeError(f"truncated {fmt}: {message}") from exc
-        raise DecodeError(f"broken {fmt}: {message}") from exc
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a corrupt sample, never a crash
-        raise DecodeError(f"broken {fmt}: {type(exc).__name__}: {exc}") from exc
 
 
 def perceptual_hash(image: Image.Image, hash_size: int = 8, highfreq_factor: int = 4) -> int:
@@ -258,11 +128,6 @@ def pixel_sha256(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-def default_uid(shard: str, key: str) -> str:
-    """Deterministic uid of a sample without one: sha256 of ``shard/key``, 32 hex characters."""
-    return hashlib.sha256(f"{shard}/{key}".encode()).hexdigest()[:32]
-
-
 def sample_caption(sample: Sample, max_chars: int) -> tuple[str | None, str | None]:
     """``(caption, None)`` or ``(None, why)`` for a missing, empty or non-UTF-8 ``.txt``."""
     value = sample.get("txt")
@@ -294,9 +159,7 @@ def index_sample(
 ) -> tuple[dict[str, Any], Image.Image | None]:
     """One index row for a sample, plus its decoded RGB image (None when it is rejected corrupt)."""
     key = str(sample.get("__key__", f"#{position}"))
-    meta = sample_json(sample)
-    raw_uid = meta.get("uid")
-    uid = str(raw_uid) if isinstance(raw_uid, str | int) and str(raw_uid) else default_uid(shard, key)
+    uid = sample_uid(sample, shard)
     row: dict[str, Any] = {
         "uid": uid,
         "shard": shard,
@@ -480,24 +343,18 @@ __all__ = [
     "CORRUPT",
     "NO_CAPTION",
     "INDEX_SCHEMA",
-    "DecodeError",
     "IndexConfig",
     "build_index",
     "color_grid",
     "crop_hashes",
-    "decode_image",
     "decode_selected",
-    "default_uid",
     "empty_index",
     "index_records",
     "index_sample",
     "index_shard",
     "mark_duplicate_uids",
     "perceptual_hash",
-    "pixel_limit",
     "pixel_sha256",
     "sample_caption",
     "shard_name",
-    "sniff_format",
-    "to_rgb",
 ]

@@ -29,12 +29,13 @@ import os
 import pickle
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
+from aim_kedro.common.config import from_mapping
 from aim_kedro.curation import subset
 from aim_kedro.curation.faces import FaceDetector
 from aim_kedro.curation.index import (
@@ -45,8 +46,8 @@ from aim_kedro.curation.index import (
     mark_duplicate_uids,
     shard_name,
 )
-from aim_kedro.curation.shards import Sample, ShardSet, read_shard
 from aim_kedro.curation.subset import SubsetConfig
+from aim_kedro.io.shards import Sample, ShardSet, read_shard
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -130,14 +131,7 @@ class ExecutorConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> ExecutorConfig:
         """Build from ``curation.executor``; an unknown key raises a ValueError naming the valid ones."""
-        values = dict(values or {})
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(
-                f"unknown curation.executor parameter(s) {unknown}; valid keys: {known}"
-            )
-        return cls(**values)
+        return from_mapping(cls, values, "curation.executor")
 
 
 def _not_int(value: Any) -> bool:

@@ -11,17 +11,18 @@ import io
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 from PIL import Image
 from tqdm.auto import tqdm
 
+from aim_kedro.common.config import from_mapping
 from aim_kedro.curation.blur import blur_and_resize
 from aim_kedro.curation.faces import FaceDetector
 from aim_kedro.curation.index import IndexConfig, decode_selected
-from aim_kedro.curation.shards import Sample, ShardSet
+from aim_kedro.io.shards import Sample, ShardSet
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +70,7 @@ class SubsetConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> SubsetConfig:
         """Build from ``curation.subset``; an unknown key raises a ValueError naming the valid ones."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown curation.subset parameter(s) {unknown}; valid keys: {sorted(known)}"
-            )
-        return cls(**values)
+        return from_mapping(cls, values, "curation.subset")
 
 
 def encode_image(image: Image.Image, image_format: str, quality: int = 95) -> bytes:

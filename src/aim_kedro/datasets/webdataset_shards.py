@@ -8,7 +8,8 @@ from typing import Any
 
 from kedro_datasets._typing import TablePreview
 
-from aim_kedro.curation.shards import (
+from aim_kedro.datasets._folder import VersionedFolderDataset
+from aim_kedro.io.shards import (
     IMAGE_EXTENSIONS,
     Sample,
     ShardSet,
@@ -17,7 +18,6 @@ from aim_kedro.curation.shards import (
     sample_text,
     write_shards,
 )
-from aim_kedro.datasets._folder import VersionedFolderDataset
 
 
 class WebDatasetShards(VersionedFolderDataset):

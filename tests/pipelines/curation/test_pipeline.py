@@ -22,8 +22,8 @@ from PIL import Image
 
 from aim_kedro.curation.blur import grown_boxes, resize_shorter_side, scale_boxes
 from aim_kedro.curation.faces import box_iou, make_detector
-from aim_kedro.curation.index import decode_image
-from aim_kedro.curation.shards import ShardSet, image_bytes, sample_json
+from aim_kedro.io.decode import decode_image
+from aim_kedro.io.shards import ShardSet, image_bytes, sample_json
 from aim_kedro.pipelines.curation import create_pipeline
 from aim_kedro.pipelines.curation.nodes import (
     detect_faces_node,

@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits
 
 from aim_kedro.aim.model import AIM
 from aim_kedro.aim.presets import get_config
-from aim_kedro.curation.shards import ShardSet, write_shards
+from aim_kedro.io.shards import ShardSet, write_shards
 from aim_kedro.pipelines.evaluation import create_pipeline
 from aim_kedro.pipelines.evaluation.nodes import validate_evaluation_params
 

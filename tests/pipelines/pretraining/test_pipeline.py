@@ -18,8 +18,8 @@ from PIL import Image
 
 from aim_kedro.aim.model import AIM
 from aim_kedro.aim.presets import get_config
-from aim_kedro.curation.shards import ShardSet, write_shards
 from aim_kedro.datasets import AIMCheckpointDataset, CheckpointSeriesDataset
+from aim_kedro.io.shards import ShardSet, write_shards
 from aim_kedro.pipelines.pretraining import create_pipeline
 from aim_kedro.pipelines.pretraining.nodes import (
     plot_loss_curve,

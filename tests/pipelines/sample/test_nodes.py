@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from aim_kedro.curation.shards import ShardSet, image_bytes, sample_json, write_shards
+from aim_kedro.io.shards import ShardSet, image_bytes, sample_json, write_shards
 from aim_kedro.pipelines.sample.nodes import (
     build_probe_sets,
     build_raw_pool,

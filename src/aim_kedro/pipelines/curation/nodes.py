@@ -53,8 +53,8 @@ from aim_kedro.curation.report import (
     truth_metrics,
 )
 from aim_kedro.curation.resume import ShardResultCache
-from aim_kedro.curation.shards import ERROR_KEY, ShardSet, image_bytes, sample_text
 from aim_kedro.curation.subset import SubsetConfig, detect_faces, iter_subset
+from aim_kedro.io.shards import ERROR_KEY, ShardSet, image_bytes, sample_text
 
 logger = logging.getLogger(__name__)
 

@@ -35,11 +35,11 @@ from aim_kedro.aim.probes import (
     FeatureSplit,
     ProbeProtocol,
     ProbeTraining,
-    cpu_threads,
     few_shot_indices,
     fixed_lr_probe_top1,
     run_protocol,
 )
+from aim_kedro.common.training import cpu_threads
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from aim_kedro.aim.data import split_sources
 from aim_kedro.aim.train import TrainConfig, TrainResult, launch_torchrun, train
-from aim_kedro.curation.shards import ShardSet, list_shards
+from aim_kedro.io.shards import ShardSet, list_shards
 
 logger = logging.getLogger(__name__)
 

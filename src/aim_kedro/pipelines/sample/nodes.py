@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from aim_kedro.curation.shards import Sample, ShardSet, sample_json
+from aim_kedro.io.shards import Sample, ShardSet, sample_json
 from aim_kedro.pipelines.sample.sources import (
     DIGIT_WORDS,
     FACE_SOURCES,

@@ -4,7 +4,7 @@ import io
 import tarfile
 from pathlib import Path
 
-from aim_kedro.curation.shards import (
+from aim_kedro.io.shards import (
     ERROR_KEY,
     read_shard,
     sample_json,

@@ -1,0 +1,34 @@
+"""Typed configs from mappings: unknown keys fail naming the path and the closest valid key."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from aim_kedro.common.config import closest, from_mapping
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    keep_fraction: float = 0.15
+    threshold: float | None = None
+
+
+def test_from_mapping_builds_the_dataclass_with_defaults() -> None:
+    assert from_mapping(_Cfg, {"threshold": 0.3}, "curation.filters") == _Cfg(0.15, 0.3)
+    assert from_mapping(_Cfg, None, "curation.filters") == _Cfg()
+
+
+def test_unknown_key_names_the_path_and_the_closest_valid_key() -> None:
+    with pytest.raises(ValueError, match=r"unknown curation\.filters parameter\(s\) \['keep_fractoin'\]"
+                       r" \(did you mean 'keep_fractoin' -> 'keep_fraction'\?\)"):
+        from_mapping(_Cfg, {"keep_fractoin": 0.2}, "curation.filters")
+
+
+def test_a_non_mapping_is_refused() -> None:
+    with pytest.raises(ValueError, match="curation.filters must be a mapping"):
+        from_mapping(_Cfg, [1, 2], "curation.filters")  # type: ignore[arg-type]
+
+
+def test_closest_returns_none_when_nothing_is_alike() -> None:
+    assert closest("zzz", ["keep_fraction", "threshold"]) is None
+    assert closest("treshold", ["keep_fraction", "threshold"]) == "threshold"
