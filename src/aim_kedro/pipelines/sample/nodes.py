@@ -17,6 +17,7 @@ import polars as pl
 from PIL import Image
 
 from aim_kedro.io.shards import Sample, ShardSet, sample_json
+from aim_kedro.pipelines.sample.faults import near_duplicate, wrong_caption
 from aim_kedro.pipelines.sample.sources import (
     DIGIT_WORDS,
     FACE_SOURCES,
@@ -27,7 +28,6 @@ from aim_kedro.pipelines.sample.sources import (
     digits,
     encode,
     lfw_faces,
-    photo_caption,
     render_digit,
     render_face_photo,
     render_pasted_face,
@@ -135,39 +135,6 @@ def _truth(uid: str, kind: str, variant: str | None = None, source_uid: str | No
     }
 
 
-def _near_duplicate(image: Image.Image, variant: str, rng: np.random.Generator) -> bytes:
-    """A near copy: resized, cropped by 5-10%, JPEG-recompressed, or slightly colour-shifted."""
-    size = image.width
-    if variant == "resized":
-        new = int(size * rng.choice([0.75, 0.875, 1.25, 1.5]))
-        return encode(image.resize((new, new), Image.Resampling.BICUBIC), "jpg", 90)
-    if variant == "cropped":
-        cut = rng.uniform(0.05, 0.10)
-        left, top = (int(v) for v in rng.integers(0, int(size * cut) + 1, size=2))
-        right = size - (int(size * cut) - left)
-        bottom = size - (int(size * cut) - top)
-        return encode(image.crop((left, top, right, bottom)).resize((size, size), Image.Resampling.BICUBIC))
-    if variant == "jpeg":
-        return encode(image, "jpg", int(rng.integers(30, 60)))
-    shift = rng.uniform(-12, 12, size=3)
-    gain = rng.uniform(0.95, 1.05)
-    shifted = np.clip(np.asarray(image, np.float32) * gain + shift, 0, 255).astype(np.uint8)
-    return encode(Image.fromarray(shifted), "jpg", 90)
-
-
-def _wrong_caption(rendered: Rendered, rng: np.random.Generator) -> str:
-    """A caption that belongs to another kind of picture than ``rendered``."""
-    if rendered.source == "sklearn_digits":
-        if rng.random() < 0.5:
-            others = [d for d in range(10) if str(d) != rendered.label]
-            return digit_caption(int(rng.choice(others)), rng)
-        return photo_caption(PHOTO_SOURCES[rng.choice(list(PHOTO_SOURCES))], rng)
-    if rng.random() < 0.5:
-        return digit_caption(int(rng.integers(10)), rng)
-    others = [n for n in PHOTO_SOURCES if n != rendered.label]
-    return photo_caption(PHOTO_SOURCES[rng.choice(others)], rng)
-
-
 def build_raw_pool(
     probe_test: ShardSet, params: dict[str, Any]
 ) -> tuple[list[Sample], pl.DataFrame, list[Sample]]:
@@ -214,7 +181,7 @@ def build_raw_pool(
             r = render_digit(next(digit_iter), size, rng)
         else:
             r = render_photo(photo_names[int(rng.integers(len(photo_names)))], size, rng)
-        add("wrong_caption", encode(r.image), _wrong_caption(r, rng), r.source, variant=r.source.split(":")[0])
+        add("wrong_caption", encode(r.image), wrong_caption(r, rng), r.source, variant=r.source.split(":")[0])
     for i in range(counts["exact_duplicate"]):
         uid, data, caption, source = clean[int(rng.integers(len(clean)))]
         if i % 2 == 0:
@@ -225,7 +192,7 @@ def build_raw_pool(
     for i in range(counts["near_duplicate"]):
         uid, data, caption, source = clean[int(rng.integers(len(clean)))]
         variant = NEAR_VARIANTS[i % len(NEAR_VARIANTS)]
-        add("near_duplicate", _near_duplicate(decode(data), variant, rng), caption, source,
+        add("near_duplicate", near_duplicate(decode(data), variant, rng), caption, source,
             variant=variant, source_uid=uid)
     face_plan = ["astronaut"] * min(20, counts["face"] // 12) + ["grace_hopper"] * min(20, counts["face"] // 12)
     face_plan += ["lfw"] * (counts["face"] - len(face_plan))
