@@ -53,7 +53,7 @@ from torch import nn
 from aim_kedro.aim.masks import sample_prefix_len
 from aim_kedro.aim.model import AIM, AIMTrunk, PixelHead
 from aim_kedro.aim.presets import PRESETS, AIMConfig, get_config
-from aim_kedro.aim.train import param_groups
+from aim_kedro.common.training import param_groups
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched in order as substrings of
 # torch.cuda.get_device_name(); the first match wins, so specific names come first.

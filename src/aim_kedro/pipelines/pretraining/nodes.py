@@ -16,8 +16,10 @@ import torch
 from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
+from aim_kedro.aim.checkpoint import TrainResult
 from aim_kedro.aim.data import split_sources
-from aim_kedro.aim.train import TrainConfig, TrainResult, launch_torchrun, train
+from aim_kedro.aim.launch import launch_torchrun
+from aim_kedro.aim.train import TrainConfig, train
 from aim_kedro.io.shards import ShardSet, list_shards
 
 logger = logging.getLogger(__name__)
