@@ -91,10 +91,11 @@ def build_probe(kind: str, embed_dim: int, num_heads: int, num_classes: int) -> 
 
 @dataclass
 class ProbeTraining:
-    """Optimisation settings of one probe fit (AdamW, linear warm-up then cosine to zero)."""
+    """Optimisation settings of one probe fit (AdamW, linear warm-up then cosine to zero);
+    defaults as conf/base ``evaluation.probes``."""
 
-    epochs: int = 30
-    min_steps: int = 100
+    epochs: int = 20
+    min_steps: int = 200
     batch_size: int = 64
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
