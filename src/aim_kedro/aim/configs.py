@@ -196,12 +196,8 @@ class ProbesConfig:
     """``evaluation.probes``: kinds, lr sweeps, optimisation and low-shot draws."""
 
     kinds: list[str] = field(default_factory=lambda: list(PROBE_KINDS))
-    lrs: dict[str, list[float]] = field(
-        default_factory=lambda: {"attentive": [3e-3, 1e-2, 3e-2], "linear": [1e-3, 3e-3, 1e-2]}
-    )
-    weight_decay: dict[str, float] = field(
-        default_factory=lambda: {"attentive": 0.05, "linear": 0.0}
-    )
+    lrs: dict[str, list[float]] = field(default_factory=lambda: ProbeProtocol().lrs)
+    weight_decay: dict[str, float] = field(default_factory=lambda: ProbeProtocol().weight_decay)
     val_fraction: float = 0.2
     epochs: int = 20
     min_steps: int = 200
