@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -62,7 +62,7 @@ def check_removed(params: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"{paths} {verb}: {fixes}")
 
 
-def _fail(param: str, problem: str, fix: str) -> None:
+def _fail(param: str, problem: str, fix: str) -> NoReturn:
     raise ValueError(f"{param} {problem}; {fix}")
 
 
@@ -78,7 +78,7 @@ def _number(param: str, value: Any, low: float, high: float, closed: bool) -> fl
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     if not ok or not (low <= value <= high if closed else low <= value < high):
         _fail(param, f"must be a number in [{low:g}, {high:g}{']' if closed else ')'}, got {value!r}",
-              "see conf/base")
+              f"see conf/base/parameters_{param.split('.')[0]}.yml")
     return float(value)
 
 

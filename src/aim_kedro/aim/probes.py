@@ -109,10 +109,6 @@ class ProbeTraining:
         return max(self.epochs * per_epoch, self.min_steps)
 
 
-def _schedule(step: int, total_steps: int, warmup_steps: int) -> float:
-    return warmup_cosine(step, total_steps, warmup_steps)
-
-
 def _batches(num: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
     """One epoch of shuffled index batches; a trailing batch of one (BatchNorm cannot) is merged."""
     order = torch.randperm(num, generator=generator)
@@ -152,7 +148,7 @@ def train_probe(
         param_groups(head, training.weight_decay, no_decay_names=("token",)), lr=lr, betas=training.betas
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(_schedule, total_steps=total, warmup_steps=warmup)
+        optimizer, functools.partial(warmup_cosine, total_steps=total, warmup_steps=warmup)
     )
     loss_fn = nn.CrossEntropyLoss()
     labels = labels.long()
