@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 from _common import environment_line, print_table, stats, summary, synthetic_pool, time_call
-from train_step import AIMLoss, adamw, training_step
+from train_step import adamw, training_step
 
 from aim_kedro.aim.data import ResumableLoader, ShardSource, train_transform
+from aim_kedro.aim.distributed import LossModule
 from aim_kedro.aim.model import AIM
 from aim_kedro.aim.presets import PRESETS, get_config
 from aim_kedro.io.decode import decode_image
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         stages = stage_rows(shards, cfg.img_size, limit=args.batch_size * args.batches)
 
         model = AIM(cfg).to(device).train()
-        train = training_step(model, AIMLoss(model), adamw(model, device), cfg.num_patches,
+        train = training_step(model, LossModule(model), adamw(model, device), cfg.num_patches,
                               torch.Generator().manual_seed(args.seed), autocast)
 
         def step(batch: torch.Tensor) -> None:

@@ -50,10 +50,11 @@ from _common import Stats, environment_line, print_table, stats, summary, synchr
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from aim_kedro.aim.distributed import LossModule
 from aim_kedro.aim.masks import sample_prefix_len
 from aim_kedro.aim.model import AIM, AIMTrunk, PixelHead
 from aim_kedro.aim.presets import PRESETS, AIMConfig, get_config
-from aim_kedro.aim.train import param_groups
+from aim_kedro.common.training import param_groups
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched in order as substrings of
 # torch.cuda.get_device_name(); the first match wins, so specific names come first.
@@ -130,17 +131,6 @@ def build_vit(cfg: AIMConfig) -> VisionTransformer:
         global_pool="",
         num_classes=0,
     )
-
-
-class AIMLoss(nn.Module):
-    """``AIM.loss`` as a module's forward (what the training loop calls, and what compiles)."""
-
-    def __init__(self, model: AIM) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(images, prefix_len)
 
 
 class SquareLoss(nn.Module):
@@ -226,7 +216,7 @@ def build_variants(
 
         def aim(bcfg: AIMConfig = bcfg) -> tuple[nn.Module, nn.Module]:
             model = AIM(bcfg)
-            return model, AIMLoss(model)
+            return model, LossModule(model)
 
         out.append(("aim", backend, aim, matmul_weights(lambda bcfg=bcfg: AIM(bcfg))))
         if breakdown:

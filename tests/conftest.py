@@ -56,6 +56,63 @@ def make_project_copy() -> Callable[[Path], Path]:
     return copy_project
 
 
+# --- pre-training on tiny shards: a tiny TrainConfig and shards a tiny model can learn --------
+
+
+def _smooth_image(rng, size: int) -> bytes:
+    """A colour gradient with a bright square: structure a tiny model can learn to predict."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    a, b = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    img = a * xx[..., None] + b * yy[..., None]
+    x0, y0 = rng.integers(0, size // 2, 2)
+    img[y0 : y0 + size // 3, x0 : x0 + size // 3] = rng.uniform(0, 1, 3)
+    buf = io.BytesIO()
+    Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_tiny_shards(out_dir, n: int = 64, size: int = 20, per_shard: int = 16) -> list[str]:
+    """Tiny shards in the curation stage's layout (png + txt + json with uid)."""
+    import numpy as np
+
+    from aim_kedro.io.shards import write_shards
+
+    rng = np.random.default_rng(0)
+    samples = (
+        {"__key__": f"{i:06d}", "png": _smooth_image(rng, size), "txt": f"sample {i}",
+         "json": {"uid": f"{i:032x}", "source": "test"}}
+        for i in range(n)
+    )
+    return write_shards(samples, str(out_dir), samples_per_shard=per_shard)
+
+
+def tiny_train_config(**overrides):
+    """aim_tiny for 8 steps on the CPU, checkpoints every 2 steps, weights kept every 4."""
+    from aim_kedro.aim.train import TrainConfig
+
+    base = dict(preset="aim_tiny", batch_size=8, lr=3e-3, warmup_steps=2, total_steps=8,
+                num_workers=0, shuffle_buffer=16, checkpoint_every=2, keep_every=4, val_every=4,
+                val_batches=2, log_every=1, device="cpu", progress=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(name="tiny_shards")
+def _tiny_shards() -> Callable[..., list[str]]:
+    """``write_tiny_shards(out_dir, n=64, size=20, per_shard=16)``."""
+    return write_tiny_shards
+
+
+@pytest.fixture(name="tiny_train_config")
+def _tiny_train_config() -> Callable[..., object]:
+    """``tiny_train_config(**overrides)``."""
+    return tiny_train_config
+
+
 # --- the curation pipeline on a small pool of the test's own, with the real catalog types ----
 
 TINY_FILTER_NETWORK = {

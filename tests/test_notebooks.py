@@ -75,7 +75,7 @@ def notebook_project(tmp_path_factory: pytest.TempPathFactory, make_project_copy
     copy = make_project_copy(tmp_path_factory.mktemp("notebooks") / "project")
     bootstrap_project(copy)
     cwd = Path.cwd()
-    os.chdir(copy)  # relative parameter paths (pretraining.run_dir) are read from the cwd
+    os.chdir(copy)  # relative catalog paths (pretraining_run, a run folder) are read from the cwd
     try:
         with KedroSession.create(project_path=copy, runtime_params=SMALL_RUN) as session:
             session.run()

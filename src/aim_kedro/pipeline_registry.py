@@ -11,7 +11,7 @@ DEFAULT_ORDER = ("sample", "curation", "pretraining", "evaluation")
 def register_pipelines() -> dict[str, Pipeline]:
     """Register each pipeline by its folder name; ``__default__`` runs them all, in data order.
 
-    ``evaluation_ml_aim`` probes a published AIM v1 checkpoint (``evaluation.trunk.path``)
+    ``evaluation_ml_aim`` probes a published AIM v1 checkpoint (the ``ml_aim_checkpoint`` entry)
     without needing a local pre-training run.
     """
     pipelines = find_pipelines(raise_errors=True)

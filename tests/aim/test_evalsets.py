@@ -9,8 +9,10 @@ from aim_kedro.aim.evalsets import (
     from_image_folder,
     from_shards,
     image_folder_classes,
+    labelled_pair,
     open_labelled_pair,
     parse_cls,
+    with_classes,
 )
 from aim_kedro.io.shards import ShardSet, write_shards
 
@@ -47,6 +49,19 @@ def test_image_folder_test_split_shares_the_training_index(tmp_path):
     train, test = open_labelled_pair("image_folder", str(tmp_path / "train"), str(tmp_path / "val"))
     assert [label for _, _, label in test] == [2, 2]
     assert test.num_classes == 3
+
+
+def test_labelled_sets_pass_through_and_the_test_split_takes_the_training_index(tmp_path):
+    make_folder(tmp_path / "train", {"ant": 1, "bee": 2, "cat": 1})
+    make_folder(tmp_path / "val", {"bee": 1, "cat": 2})
+    train_set = from_image_folder(str(tmp_path / "train"), name="train")
+    train, test = labelled_pair(train_set, from_image_folder(str(tmp_path / "val")))
+    assert train is train_set and test.classes == ["ant", "bee", "cat"]
+    assert [label for _, _, label in test] == [1, 2, 2] and len(test) == 3
+    assert with_classes(train, train.classes) is train
+    write_shards([{"__key__": "a", "png": png(0), "cls": "0"}], str(tmp_path / "shards"))
+    with pytest.raises(ValueError, match="different kinds"):
+        labelled_pair(train_set, str(tmp_path / "shards"))
 
 
 def test_image_folder_errors(tmp_path):

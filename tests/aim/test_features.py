@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from aim_kedro.aim.evalsets import LabelledSet
 from aim_kedro.aim.features import (
     FrozenTrunk,
+    check_layer_spec,
     extract_features,
     extract_split_features,
     random_trunk,
@@ -41,6 +42,14 @@ def test_resolve_layers(tiny):
     for bad in ("first3", [5], []):
         with pytest.raises(ValueError, match="layers"):
             resolve_layers(bad, tiny)
+
+
+def test_layer_spec_is_checked_without_a_model():
+    for good in ("last6", "last1", "best", "all", 3, [0, -1], [23]):
+        check_layer_spec(good)
+    for bad in ("middle", "last0", 0, True, [], [1.5], {"a": 1}, None):
+        with pytest.raises(ValueError, match="layers"):
+            check_layer_spec(bad)
 
 
 @pytest.mark.skipif(not REF.is_dir(), reason="reference checkpoint files not present")

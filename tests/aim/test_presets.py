@@ -2,7 +2,7 @@
 
 import pytest
 
-from aim_kedro.aim.presets import PRESETS, AIMConfig, get_config
+from aim_kedro.aim.presets import PRESETS, AIMConfig, config_from_checkpoint, get_config
 
 
 def test_published_presets():
@@ -37,6 +37,11 @@ def test_dict_round_trip():
     assert AIMConfig.from_dict(data) == cfg
     with pytest.raises(ValueError, match="bogus"):
         AIMConfig.from_dict({**data, "bogus": 1})
+
+
+def test_config_from_a_checkpoint_ignores_the_preset_name():
+    cfg = get_config("aim_tiny")
+    assert config_from_checkpoint({**cfg.to_dict(), "preset": "aim_tiny"}) == cfg
 
 
 def test_unknown_preset_names_parameter_and_lists_known():

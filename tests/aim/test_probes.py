@@ -55,7 +55,7 @@ def test_probe_learns_separable_blobs(kind):
         NUM_CLASSES,
         HEADS,
         1e-2,
-        ProbeTraining(epochs=10, batch_size=16),
+        ProbeTraining(epochs=10, min_steps=100, batch_size=16),
     )
     assert not head.training
     logits = head((test.tokens if kind == "attentive" else test.pooled()).float())
@@ -86,7 +86,7 @@ def test_training_is_reproducible_under_a_seed():
             NUM_CLASSES,
             HEADS,
             1e-3,
-            ProbeTraining(epochs=2),
+            ProbeTraining(epochs=2, min_steps=100),
             seed=5,
         )
         for _ in range(2)

@@ -32,3 +32,38 @@ def test_a_non_mapping_is_refused() -> None:
 def test_closest_returns_none_when_nothing_is_alike() -> None:
     assert closest("zzz", ["keep_fraction", "threshold"]) is None
     assert closest("treshold", ["keep_fraction", "threshold"]) == "threshold"
+
+
+@dataclass(frozen=True)
+class _Inner:
+    shots: int = 10
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class _Outer:
+    kind: str = "attentive"
+    low_shot: _Inner = _Inner()
+    extra: _Inner | None = None
+
+
+@dataclass(frozen=True)
+class _Required:
+    img_size: int
+    patch_size: int
+    num_classes: int = 1000
+
+
+def test_nested_blocks_are_built_and_checked_at_every_depth() -> None:
+    built = from_mapping(_Outer, {"low_shot": {"shots": 2}, "extra": {"seeds": [0]}}, "evaluation.probes")
+    assert built.low_shot == _Inner(shots=2) and built.extra == _Inner(seeds=[0])
+    assert from_mapping(_Outer, {"extra": None}, "evaluation.probes").extra is None
+    with pytest.raises(ValueError, match=r"unknown evaluation\.probes\.low_shot parameter\(s\) "
+                                         r"\['shot'\] \(did you mean 'shot' -> 'shots'\?\)"):
+        from_mapping(_Outer, {"low_shot": {"shot": 2}}, "evaluation.probes")
+
+
+def test_missing_required_fields_are_named() -> None:
+    with pytest.raises(ValueError, match=r"evaluation\.trunk\.config lacks \['patch_size'\]; "
+                                         r"it needs \['img_size', 'patch_size'\]"):
+        from_mapping(_Required, {"img_size": 224}, "evaluation.trunk.config")

@@ -104,3 +104,17 @@ def test_unversioned_save_replaces_the_folder(tmp_path: Path) -> None:
     WebDatasetShards(filepath=path).save(_samples(5))
     assert WebDatasetShards(filepath=path).load().count() == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+def test_missing_ok_loads_an_absent_folder_as_an_empty_set(tmp_path: Path, versioned: bool) -> None:
+    version = Version(None, None) if versioned else None
+    optional = WebDatasetShards(filepath=str(tmp_path / "pool"), missing_ok=True, version=version)
+    assert optional.exists()
+    empty = optional.load()
+    assert isinstance(empty, ShardSet) and empty.shards == [] and list(empty) == []
+    required = WebDatasetShards(filepath=str(tmp_path / "pool"), version=version)
+    assert not required.exists()
+    optional.save(iter(_samples(3)))
+    saved = WebDatasetShards(filepath=str(tmp_path / "pool"), missing_ok=True, version=version)
+    assert [s["__key__"] for s in saved.load()] == ["000000", "000001", "000002"]

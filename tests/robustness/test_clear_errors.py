@@ -20,11 +20,15 @@ CASES = {
         "pretraining", {"pretraining": {"train": {"model_overrides": {"img_size": 30}}}},
         ValueError, r"pretraining\.train.*img_size \(30\) must be divisible by patch_size \(4\)",
     ),
-    "checkpoint_path_missing": (
+    "checkpoint_path_is_a_catalog_entry": (
         "evaluation",
-        {"evaluation": {"trunk": {"source": "ml_aim", "path": "/no/such/aim-600M.safetensors"}}},
-        ValueError, r"evaluation\.trunk\.path points to '/no/such/aim-600M\.safetensors', "
-                    r"which does not exist; fix the path",
+        {"evaluation": {"trunk": {"path": "/no/such/aim-600M.safetensors"}}},
+        ValueError, r"evaluation\.trunk\.path is no longer a parameter: point the catalog entry "
+                    r"`ml_aim_checkpoint` at the file in conf/local/catalog\.yml",
+    ),
+    "run_dir_is_a_catalog_entry": (
+        "pretraining", {"pretraining": {"run_dir": "data/06_models/pretraining_run"}},
+        ValueError, r"pretraining\.run_dir is no longer a parameter: .*`pretraining_run`",
     ),
     "keep_fraction_out_of_range": (
         "curation", {"curation": {"filters": {"keep_fraction": 1.5}}},
@@ -58,6 +62,16 @@ def test_bad_parameter_fails_before_work(project: Path, monkeypatch, case: str) 
     with KedroSession.create(project_path=project, runtime_params=runtime_params) as session:
         with pytest.raises(error, match=message):
             session.run(pipeline_names=[pipeline])
+    assert _written(project) == []
+
+
+def test_published_checkpoint_that_does_not_exist_is_named(project: Path) -> None:
+    config = {"img_size": 224, "patch_size": 14, "embed_dim": 1536, "num_blocks": 24,
+              "num_heads": 12, "probe_layers": 6, "num_classes": 1000}
+    runtime = {"evaluation": {"trunk": {"config": config}}}
+    with KedroSession.create(project_path=project, runtime_params=runtime) as session:
+        with pytest.raises(FileNotFoundError, match=r"ml_aim_checkpoint.*conf/local/catalog\.yml"):
+            session.run(pipeline_names=["evaluation_ml_aim"])
     assert _written(project) == []
 
 

@@ -15,8 +15,9 @@ import torch
 from conftest import sigkill_when
 from PIL import Image
 
+from aim_kedro.aim.checkpoint import LAST
 from aim_kedro.aim.data import split_sources
-from aim_kedro.aim.train import LAST, TrainConfig, train
+from aim_kedro.aim.train import TrainConfig, train
 from aim_kedro.io.shards import write_shards
 
 CHILD = """

@@ -107,7 +107,8 @@ def image_folder_classes(root: str) -> list[str]:
     return classes
 
 
-def _folder_files(root: str, classes: list[str]) -> list[tuple[str, int]]:
+def image_folder_files(root: str, classes: list[str]) -> list[tuple[str, int]]:
+    """``(path, class index)`` of every image under ``root/<class>/`` for ``classes``, sorted."""
     files: list[tuple[str, int]] = []
     for index, name in enumerate(classes):
         class_dir = os.path.join(root, name)
@@ -119,21 +120,13 @@ def _folder_files(root: str, classes: list[str]) -> list[tuple[str, int]]:
     return files
 
 
-def from_image_folder(
-    root: str, name: str = "image_folder", classes: list[str] | None = None
-) -> LabelledSet:
+def from_image_folder(root: str, name: str = "image_folder") -> LabelledSet:
     """A ``LabelledSet`` over ``root/<class>/<image>`` (torchvision ImageFolder layout).
 
-    Pass the training set's ``classes`` when opening its test split so both share one index.
+    Give a test split the training set's index with :func:`with_classes` (or :func:`labelled_pair`).
     """
-    found = image_folder_classes(root)
-    if classes is None:
-        classes = found
-    elif not set(found) <= set(classes):
-        raise ValueError(
-            f"{root} has classes not in the training set: {sorted(set(found) - set(classes))}"
-        )
-    files = _folder_files(root, classes)
+    classes = image_folder_classes(root)
+    files = image_folder_files(root, classes)
     if not files:
         raise ValueError(
             f"image folder {root} holds no images ({', '.join(FOLDER_IMAGE_SUFFIXES)})"
@@ -144,9 +137,51 @@ def from_image_folder(
             with open(path, "rb") as f:
                 yield os.path.relpath(path, root), f.read(), label
 
-    return LabelledSet(
-        name=name, source=root, classes=list(classes), _iterate=iterate, size=len(files)
-    )
+    return LabelledSet(name=name, source=root, classes=classes, _iterate=iterate, size=len(files))
+
+
+def with_classes(labelled: LabelledSet, classes: list[str]) -> LabelledSet:
+    """``labelled`` with its labels re-indexed into ``classes`` by class name (a test split
+    whose folder lacks some of the training set's classes shares the training set's index)."""
+    if labelled.classes == list(classes):
+        return labelled
+    missing = sorted(set(labelled.classes) - set(classes))
+    if missing:
+        raise ValueError(f"{labelled.source} has classes not in the training set: {missing}")
+    index = [list(classes).index(name) for name in labelled.classes]
+
+    def iterate() -> Iterator[LabelledItem]:
+        for key, data, label in labelled:
+            yield key, data, index[label]
+
+    return LabelledSet(name=labelled.name, source=labelled.source, classes=list(classes),
+                       _iterate=iterate, size=labelled.size)
+
+
+def labelled_pair(
+    train: LabelledSet | ShardSet | str,
+    test: LabelledSet | ShardSet | str,
+    num_classes: int | None = None,
+) -> tuple[LabelledSet, LabelledSet]:
+    """A train/test pair with one class index: labelled sets (e.g. ImageFolder trees) as they
+    are, shard sets (or folders) with a ``cls`` field through :func:`from_shards`.
+
+    Shards without ``num_classes`` have both splits' labels scanned once to count the classes;
+    a labelled test set is re-indexed into the training set's classes by name.
+    """
+    if isinstance(train, LabelledSet) != isinstance(test, LabelledSet):
+        raise ValueError(
+            f"probe train and test sets are of different kinds ({type(train).__name__}, "
+            f"{type(test).__name__}): point both entries at shards or both at image folders"
+        )
+    if isinstance(train, LabelledSet) and isinstance(test, LabelledSet):
+        return train, with_classes(test, train.classes)
+    train_set = from_shards(train, name="train", num_classes=num_classes)
+    test_set = from_shards(test, name="test", num_classes=num_classes)
+    if num_classes is None:
+        count = max(train_set.num_classes, test_set.num_classes)
+        train_set.classes = test_set.classes = [str(i) for i in range(count)]
+    return train_set, test_set
 
 
 def open_labelled_pair(
@@ -155,18 +190,10 @@ def open_labelled_pair(
     test: ShardSet | str,
     num_classes: int | None = None,
 ) -> tuple[LabelledSet, LabelledSet]:
-    """Open a train/test pair of one ``kind`` (``shards`` or ``image_folder``) with shared classes.
-
-    For shards without ``num_classes`` both splits' labels are scanned once to count the classes.
-    """
+    """Open a train/test pair of one ``kind`` (``shards`` or ``image_folder``) with shared classes."""
     if kind == "image_folder":
-        train_set = from_image_folder(str(train), name="train")
-        return train_set, from_image_folder(str(test), name="test", classes=train_set.classes)
+        return labelled_pair(from_image_folder(str(train), name="train"),
+                             from_image_folder(str(test), name="test"))
     if kind == "shards":
-        train_set = from_shards(train, name="train", num_classes=num_classes)
-        test_set = from_shards(test, name="test", num_classes=num_classes)
-        if num_classes is None:
-            count = max(train_set.num_classes, test_set.num_classes)
-            train_set.classes = test_set.classes = [str(i) for i in range(count)]
-        return train_set, test_set
+        return labelled_pair(train, test, num_classes)
     raise ValueError(f"unknown labelled set kind {kind!r}: use 'shards' or 'image_folder'")

@@ -43,34 +43,50 @@ class FrozenTrunk:
         self.trunk.requires_grad_(False)
 
 
-def resolve_layers(spec: str | int | Sequence[int], cfg: AIMConfig) -> list[int]:
+LayerSpec = str | int | Sequence[int]
+
+
+def check_layer_spec(spec: LayerSpec) -> None:
+    """Raise ValueError unless ``spec`` is a layer setting :func:`resolve_layers` understands
+    for some depth: ``"lastK"`` (K >= 1), ``"best"``, ``"all"``, an int >= 1 or a non-empty
+    list of block indices."""
+    if isinstance(spec, str):
+        match = _LAST_K.match(spec)
+        if spec in ("best", "all") or (match and int(match.group(1)) >= 1):
+            return
+        raise ValueError(
+            f"layers={spec!r} is not understood: use 'lastK' (e.g. 'last6'), 'best', 'all', "
+            "an int or a list of block indices"
+        )
+    if isinstance(spec, bool) or not isinstance(spec, int | Sequence):
+        raise ValueError(f"layers={spec!r} must be 'lastK', 'best', 'all', an int or a list")
+    if isinstance(spec, int):
+        if spec < 1:
+            raise ValueError(f"layers={spec} must be >= 1 when given as a count")
+        return
+    if not spec or any(isinstance(i, bool) or not isinstance(i, int) for i in spec):
+        raise ValueError(f"layers={list(spec)} must be a non-empty list of block indices")
+
+
+def resolve_layers(spec: LayerSpec, cfg: AIMConfig) -> list[int]:
     """Block indices for a ``layers`` setting.
 
     ``"lastK"`` (e.g. ``"last6"``): the last K blocks, all when depth < K; ``"best"``: the
     config's ``probe_layers`` (the published "best" 6 for the AIM v1 presets); ``"all"``;
     an int K (the last K); or an explicit list of indices (negative counts from the end).
     """
+    check_layer_spec(spec)
     depth = cfg.depth
-    if isinstance(spec, str):
-        if spec == "best":
-            return list(cfg.probe_layers)
-        if spec == "all":
-            return list(range(depth))
-        match = _LAST_K.match(spec)
-        if match and int(match.group(1)) >= 1:
-            k = int(match.group(1))
-            return list(range(max(depth - k, 0), depth))
-        raise ValueError(
-            f"layers={spec!r} is not understood: use 'lastK' (e.g. 'last6'), 'best', 'all', "
-            "an int or a list of block indices"
-        )
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        if spec < 1:
-            raise ValueError(f"layers={spec} must be >= 1 when given as a count")
-        return list(range(max(depth - spec, 0), depth))
+    if spec == "best":
+        return list(cfg.probe_layers)
+    if spec == "all":
+        return list(range(depth))
+    if isinstance(spec, str | int):
+        k = spec if isinstance(spec, int) else int(spec[len("last"):])
+        return list(range(max(depth - k, 0), depth))
     indices = [int(i) + depth if int(i) < 0 else int(i) for i in spec]
     bad = [i for i in indices if not 0 <= i < depth]
-    if not indices or bad:
+    if bad:
         raise ValueError(
             f"layers={list(spec)} invalid for a trunk of depth {depth}: indices are 0..{depth - 1}"
         )

@@ -163,3 +163,10 @@ def get_config(preset: str, **overrides: Any) -> AIMConfig:
         raise ValueError(f"Unknown preset={preset!r}; known presets: {sorted(_PRESET_ARGS)}.")
     check_keys(overrides, (f.name for f in dataclasses.fields(AIMConfig)), f"preset {preset!r} override")
     return AIMConfig(**{**_PRESET_ARGS[preset], **overrides})
+
+
+def config_from_checkpoint(config: Mapping[str, Any]) -> AIMConfig:
+    """The ``AIMConfig`` of a checkpoint's ``config`` dict (extra keys such as ``preset`` are
+    ignored)."""
+    known = {f.name for f in dataclasses.fields(AIMConfig)}
+    return AIMConfig.from_dict({k: v for k, v in config.items() if k in known})

@@ -91,10 +91,11 @@ def build_probe(kind: str, embed_dim: int, num_heads: int, num_classes: int) -> 
 
 @dataclass
 class ProbeTraining:
-    """Optimisation settings of one probe fit (AdamW, linear warm-up then cosine to zero)."""
+    """Optimisation settings of one probe fit (AdamW, linear warm-up then cosine to zero);
+    defaults as conf/base ``evaluation.probes``."""
 
-    epochs: int = 30
-    min_steps: int = 100
+    epochs: int = 20
+    min_steps: int = 200
     batch_size: int = 64
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
@@ -106,10 +107,6 @@ class ProbeTraining:
         """Optimiser steps for a training set of ``num_samples``: ``epochs`` passes, at least ``min_steps``."""
         per_epoch = math.ceil(num_samples / self.batch_size)
         return max(self.epochs * per_epoch, self.min_steps)
-
-
-def _schedule(step: int, total_steps: int, warmup_steps: int) -> float:
-    return warmup_cosine(step, total_steps, warmup_steps)
 
 
 def _batches(num: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -151,7 +148,7 @@ def train_probe(
         param_groups(head, training.weight_decay, no_decay_names=("token",)), lr=lr, betas=training.betas
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(_schedule, total_steps=total, warmup_steps=warmup)
+        optimizer, functools.partial(warmup_cosine, total_steps=total, warmup_steps=warmup)
     )
     loss_fn = nn.CrossEntropyLoss()
     labels = labels.long()

@@ -1,18 +1,25 @@
-"""Kedro datasets for model checkpoints: safetensors weights plus a JSON config, versioned."""
+"""Kedro datasets for model checkpoints: safetensors weights plus a JSON config, versioned, and
+a published checkpoint file (safetensors or .pth) read as a state dict."""
 
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from pathlib import PurePosixPath
+from typing import Any, NoReturn
 
+import fsspec
 import torch
+from kedro.io import AbstractDataset, DatasetError
+from kedro.io.core import get_protocol_and_path
 from kedro_datasets._typing import JSONPreview
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from aim_kedro.datasets._folder import VersionedFolderDataset
+from aim_kedro.aim.interop import STATE_DICT_SUFFIXES, read_state_dict, state_dict_from_bytes
+from aim_kedro.datasets._folder import LOCAL_PROTOCOLS, VersionedFolderDataset
 
 _STEP_FILE = re.compile(r"step_(\d+)\.safetensors$")
 
@@ -101,3 +108,58 @@ class CheckpointSeriesDataset(VersionedFolderDataset):
         """The run's config and the list of saved steps, for kedro-viz."""
         data = self.load()
         return json.dumps({"config": data["config"], "steps": data["steps"]}, indent=2)
+
+
+class StateDictDataset(AbstractDataset[Any, dict[str, torch.Tensor]]):
+    """A read-only checkpoint file (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with
+    ``torch.load(weights_only=True)``) loaded as a state dict, e.g. the published AIM v1 weights.
+
+    Example catalog entry (conf/local/catalog.yml)::
+
+        ml_aim_checkpoint:
+          type: aim_kedro.datasets.StateDictDataset
+          filepath: /models/apple-aim-600M/model.safetensors
+    """
+
+    def __init__(self, *, filepath: str, credentials: dict[str, Any] | None = None,
+                 fs_args: dict[str, Any] | None = None,
+                 metadata: dict[str, Any] | None = None) -> None:
+        self._protocol, path = get_protocol_and_path(filepath)
+        self._path = str(path)
+        suffix = PurePosixPath(self._path).suffix
+        if suffix not in STATE_DICT_SUFFIXES:
+            raise DatasetError(f"{filepath}: a state dict file ends in one of {STATE_DICT_SUFFIXES}")
+        self._fs = fsspec.filesystem(self._protocol, **(credentials or {}), **(fs_args or {}))
+        self.metadata = metadata
+
+    def _local(self) -> bool:
+        return self._protocol in LOCAL_PROTOCOLS
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """The tensors (memory-mapped when a local safetensors file)."""
+        if self._local():
+            return read_state_dict(self._path)
+        with self._fs.open(self._path, "rb") as f:
+            return state_dict_from_bytes(f.read(), PurePosixPath(self._path).suffix)
+
+    def save(self, data: Any) -> NoReturn:
+        """Not supported: a published checkpoint is an input."""
+        raise DatasetError(f"{self._path} is a read-only checkpoint file")
+
+    def _exists(self) -> bool:
+        return self._fs.isfile(self._path)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._path, "protocol": self._protocol}
+
+    def preview(self) -> JSONPreview:
+        """Tensor count, parameter count and the first tensor shapes, for kedro-viz."""
+        if self._local() and self._path.endswith(".safetensors"):
+            with safe_open(self._path, framework="pt") as f:
+                shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        else:
+            shapes = {k: list(v.shape) for k, v in self.load().items()}
+        params = sum(int(torch.Size(s).numel()) for s in shapes.values())
+        first = dict(list(shapes.items())[:12])
+        return JSONPreview(json.dumps({"tensors": len(shapes), "parameters": params,
+                                       "shapes": first}, indent=2))

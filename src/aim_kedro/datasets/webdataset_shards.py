@@ -30,6 +30,9 @@ class WebDatasetShards(VersionedFolderDataset):
           filepath: data/01_raw/raw_pool
           samples_per_shard: 10000
           versioned: true
+
+    ``missing_ok: true`` makes an absent folder (or one without a saved version) load as an
+    empty ``ShardSet`` and count as existing, for an optional input such as ``secondary_pool``.
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class WebDatasetShards(VersionedFolderDataset):
         filepath: str,
         samples_per_shard: int = 10_000,
         prefix: str = "shard",
+        missing_ok: bool = False,
         version: Any = None,
         credentials: dict[str, Any] | None = None,
         fs_args: dict[str, Any] | None = None,
@@ -48,13 +52,24 @@ class WebDatasetShards(VersionedFolderDataset):
         )
         self._samples_per_shard = samples_per_shard
         self._prefix = prefix
+        self._missing_ok = missing_ok
 
     def _write(self, folder: str, data: Iterable[Sample] | ShardSet) -> None:
         write_shards(data, folder, self._samples_per_shard, self._prefix, fs=self._fs)
 
     def _read(self, folder: str) -> ShardSet:
-        url = folder if self._protocol in ("file", "local") else f"{self._protocol}://{folder}"
-        return ShardSet.open(url)
+        return ShardSet.open(self._full_url(folder))
+
+    def _full_url(self, folder: str) -> str:
+        return folder if self._protocol in ("file", "local") else f"{self._protocol}://{folder}"
+
+    def _load(self) -> ShardSet:
+        if self._missing_ok and not super()._exists():
+            return ShardSet(path=self._full_url(self._url(self._filepath)), shards=[])
+        return super()._load()
+
+    def _exists(self) -> bool:
+        return self._missing_ok or super()._exists()
 
     def preview(self, nrows: int = 10) -> TablePreview:
         """A table of the first samples (key, shard, uid, caption, image type and size) for kedro-viz."""
@@ -76,7 +91,8 @@ class WebDatasetShards(VersionedFolderDataset):
         return {"columns": columns, "index": list(range(len(rows))), "data": rows}
 
     def _describe(self) -> dict[str, Any]:
-        return {**super()._describe(), "samples_per_shard": self._samples_per_shard}
+        return {**super()._describe(), "samples_per_shard": self._samples_per_shard,
+                "missing_ok": self._missing_ok}
 
 
 __all__ = ["WebDatasetShards", "IMAGE_EXTENSIONS"]

@@ -15,11 +15,17 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from aim_kedro.aim.configs import EvaluationConfig, FeaturesConfig, ProbesConfig
 from aim_kedro.aim.model import AIM
 from aim_kedro.aim.presets import get_config
+from aim_kedro.datasets import ImageFolderDataset
 from aim_kedro.io.shards import ShardSet, write_shards
 from aim_kedro.pipelines.evaluation import create_pipeline
-from aim_kedro.pipelines.evaluation.nodes import validate_evaluation_params
+from aim_kedro.pipelines.evaluation.nodes import (
+    load_eval_sets,
+    validate_evaluation_params,
+    validate_ml_aim_evaluation_params,
+)
 
 PROJECT = Path(__file__).resolve().parents[3]
 PARAMS = yaml.safe_load((PROJECT / "conf/base/parameters_evaluation.yml").read_text())["evaluation"]
@@ -56,7 +62,22 @@ def params(**overrides) -> dict:
 def test_shipped_parameters_validate_and_fill_the_device():
     settings = validate_evaluation_params(PARAMS)
     assert settings["device"] in ("cpu", "cuda")
-    assert settings["trunk"]["source"] == "catalog"
+    assert "trunk" not in settings, "the default pipeline probes the catalog's aim_checkpoint"
+    assert isinstance(settings["features"], FeaturesConfig)
+    assert isinstance(settings["probes"], ProbesConfig)
+
+
+def test_dataclass_defaults_are_the_shipped_parameters():
+    """One source of truth: each YAML block is its dataclass's defaults (device resolved)."""
+    shipped = EvaluationConfig.from_params(PARAMS)
+    defaults = EvaluationConfig()
+    assert defaults.device == "auto" and PARAMS["device"] == "auto"
+    shipped.device = "auto"
+    assert shipped == defaults
+    assert EvaluationConfig.from_params({}) == EvaluationConfig.from_params(PARAMS)
+    protocol = defaults.probes.protocol("cpu")
+    assert protocol.shot_seeds == (0, 1, 2) and protocol.training.epochs == PARAMS["probes"]["epochs"]
+    assert protocol.training.min_steps == PARAMS["probes"]["min_steps"]
 
 
 @pytest.mark.parametrize(
@@ -66,6 +87,7 @@ def test_shipped_parameters_validate_and_fill_the_device():
             {"trunk": {"source": "ml_aim", "path": "/no/such/aim.safetensors", "config": {}}},
             "trunk.path",
         ),
+        ({"trunk": {"source": "ml_aim"}}, "trunk.source"),
         (
             {
                 "dataset": {
@@ -78,8 +100,12 @@ def test_shipped_parameters_validate_and_fill_the_device():
         ),
         ({"dataset": {"kind": "csv"}}, "dataset.kind"),
         ({"features": {"layers": "middle"}}, "features.layers"),
+        ({"features": {"dtype": "int8"}}, "features.dtype"),
         ({"probes": {"lrs": {"attentive": [], "linear": [1e-3]}}}, "probes.lrs.attentive"),
         ({"probes": {"val_fraction": 1.5}}, "probes.val_fraction"),
+        ({"probes": {"low_shot": {"shot": 5}}}, "evaluation.probes.low_shot parameter"),
+        ({"loss_vs_accuracy": {"kind": "knn"}}, "loss_vs_accuracy"),
+        ({"device": "tpu"}, "device"),
     ],
 )
 def test_bad_parameters_are_named(overrides, named):
@@ -87,13 +113,27 @@ def test_bad_parameters_are_named(overrides, named):
         validate_evaluation_params(params(**overrides))
 
 
-def test_ml_aim_config_must_be_complete(tmp_path):
-    checkpoint = tmp_path / "aim.safetensors"
-    checkpoint.write_bytes(b"")
+def test_ml_aim_config_must_be_complete():
     with pytest.raises(ValueError, match="trunk.config"):
-        validate_evaluation_params(
-            params(trunk={"source": "ml_aim", "path": str(checkpoint), "config": {"img_size": 224}})
-        )
+        validate_evaluation_params(params(trunk={"config": {"img_size": 224}}))
+    with pytest.raises(ValueError, match=r"evaluation\.trunk\.config is null.*evaluation_ml_aim"):
+        validate_ml_aim_evaluation_params(PARAMS)
+    config = {"img_size": 224, "patch_size": 14, "embed_dim": 1536, "num_blocks": 24,
+              "num_heads": 12, "probe_layers": [14, 15, 16, 17, 18, 19], "num_classes": 1000}
+    settings = validate_ml_aim_evaluation_params(params(trunk={"config": config}))
+    assert settings["trunk"].kwargs() == config and "loss_vs_accuracy" not in settings
+
+
+def test_probe_sets_from_image_folder_entries_share_the_training_index(tmp_path):
+    for split, classes in (("train", ("ant", "bee", "cat")), ("val", ("cat",))):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            (tmp_path / split / name / "a.png").write_bytes(_digit_png(np.eye(8) * 16, 8))
+    train = ImageFolderDataset(filepath=str(tmp_path / "train")).load()
+    test = ImageFolderDataset(filepath=str(tmp_path / "val")).load()
+    sets = load_eval_sets(train, test, EvaluationConfig().dataset)
+    assert sets["train"].classes == sets["test"].classes == ["ant", "bee", "cat"]
+    assert [label for _, _, label in sets["test"]] == [2]
 
 
 def test_pipeline_nodes_and_the_published_checkpoint_variant():
@@ -119,12 +159,25 @@ def test_pipeline_nodes_and_the_published_checkpoint_variant():
     }
     assert all("evaluation" in n.tags for n in full.nodes)
     published = create_pipeline(trunk_source="ml_aim")
-    assert published.inputs() == {"params:evaluation", "probe_train", "probe_test"}
+    assert published.inputs() == {"params:evaluation", "probe_train", "probe_test",
+                                  "ml_aim_checkpoint"}
     assert "probe_metrics" in published.all_outputs()
+    assert {n.name for n in published.nodes} == {n.name for n in full.nodes} - {
+        "compute_loss_vs_accuracy", "plot_loss_vs_accuracy"}
+    # each node takes only the typed blocks it uses, and every block handed on is used
+    by_name = {n.name: set(n.inputs) for n in full.nodes}
+    assert by_name["train_probes"] == {"probe_features", "random_init_features",
+                                       "eval_probes_config", "eval_device"}
+    assert by_name["load_trunk"] == {"aim_checkpoint"}
+    for pipe in (full, published):
+        handed_on = {o for n in pipe.nodes if n.name == "validate_evaluation_params"
+                     for o in n.outputs}
+        assert handed_on <= {i for n in pipe.nodes for i in n.inputs}
 
 
 def test_catalog_entries_are_versioned_and_cover_the_outputs():
     entries = yaml.safe_load((PROJECT / "conf/base/catalog_evaluation.yml").read_text())
+    assert entries["ml_aim_checkpoint"]["type"] == "aim_kedro.datasets.StateDictDataset"
     outputs = create_pipeline().all_outputs()
     for name in (
         "probe_features",

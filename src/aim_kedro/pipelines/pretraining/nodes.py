@@ -1,28 +1,28 @@
-"""Nodes of the ``pretraining`` pipeline: thin glue over ``aim_kedro.aim.train``.
+"""Nodes of the ``pretraining`` pipeline: thin glue over ``aim_kedro.aim`` (train, launch).
 
-``run_dir`` (a parameter) is scratch state for resuming an interrupted run (``last.pt``, kept
-steps); the catalog holds the versioned artifacts this pipeline outputs.
+The run directory (resume state, kept steps) is the catalog entry ``pretraining_run``, the
+optional mixed-in shards ``secondary_pool``; the versioned artifacts are this pipeline's outputs.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 from typing import Any
 
 import polars as pl
-import torch
 from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
+from aim_kedro.aim.checkpoint import RunDir, TrainResult
+from aim_kedro.aim.configs import PretrainingConfig
 from aim_kedro.aim.data import split_sources
-from aim_kedro.aim.train import TrainConfig, TrainResult, launch_torchrun, train
-from aim_kedro.io.shards import ShardSet, list_shards
+from aim_kedro.aim.launch import launch_torchrun
+from aim_kedro.aim.train import train
+from aim_kedro.io.shards import ShardSet
 
 logger = logging.getLogger(__name__)
 
-KNOWN_KEYS = ("run_dir", "num_gpus", "val_percent", "secondary_shards", "secondary_p", "train")
 HISTORY_SCHEMA = {
     "step": pl.Int64,
     "train_loss": pl.Float64,
@@ -33,95 +33,46 @@ HISTORY_SCHEMA = {
 }
 
 
-def _number(params: dict[str, Any], key: str, default: float, high: float, closed: bool) -> float:
-    """A parameter that must be a number in [0, high) (or [0, high] when ``closed``)."""
-    value = params.get(key, default)
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or not (0.0 <= value <= high if closed else 0.0 <= value < high):
-        bound = f"[0, {high}]" if closed else f"[0, {high})"
-        raise ValueError(f"pretraining.{key} must be a number in {bound}, got {value!r}")
-    return float(value)
-
-
-def validate_pretraining_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Check ``params:pretraining`` before any work; return the settings the training node uses.
+def validate_pretraining_params(params: dict[str, Any]) -> PretrainingConfig:
+    """Check ``params:pretraining`` before any work; return the typed config the training node uses.
 
     Each error names the parameter (``pretraining.train.batch_size``, ...) and the fix.
     """
-    unknown = sorted(set(params) - set(KNOWN_KEYS))
-    if unknown:
-        raise ValueError(f"unknown pretraining parameter(s) {unknown}; known: {list(KNOWN_KEYS)}")
-    run_dir = params.get("run_dir")
-    if not isinstance(run_dir, str) or not run_dir:
-        raise ValueError("pretraining.run_dir must be a folder path for the resume state, "
-                         "e.g. data/06_models/pretraining_run")
-    num_gpus = params.get("num_gpus", 1)
-    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
-        raise ValueError(f"pretraining.num_gpus must be an integer >= 1, got {num_gpus!r}")
-    train_params = params.get("train")
-    if not isinstance(train_params, dict):
-        raise ValueError("pretraining.train must be a mapping of training knobs (see TrainConfig)")
-    try:
-        cfg = TrainConfig.from_dict(dict(train_params))
-        cfg.validate(world_size=num_gpus)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"pretraining.train: {exc}") from exc
-    if num_gpus > 1 and cfg.device != "cpu" and torch.cuda.is_available():
-        if torch.cuda.device_count() < num_gpus:
-            raise ValueError(
-                f"pretraining.num_gpus={num_gpus} but {torch.cuda.device_count()} GPU(s) are "
-                "visible; lower num_gpus"
-            )
-    val_percent = _number(params, "val_percent", 5.0, 100.0, closed=False)
-    if val_percent == 0.0:
-        logger.warning("pretraining.val_percent is 0: no validation loss will be recorded")
-    secondary = params.get("secondary_shards")
-    secondary_p = _number(params, "secondary_p", 0.0, 1.0, closed=True)
-    if secondary is not None:
-        if not isinstance(secondary, str) or not secondary:
-            raise ValueError("pretraining.secondary_shards must be a shard folder path or null")
-        try:
-            list_shards(secondary)
-        except FileNotFoundError as exc:
-            raise ValueError(f"pretraining.secondary_shards: {exc}; set it to null or a shard "
-                             "folder (e.g. ImageNet shards for the DFN-2B+ mix)") from exc
-    return {
-        "run_dir": run_dir,
-        "num_gpus": num_gpus,
-        "val_percent": val_percent,
-        "secondary_shards": secondary,
-        "secondary_p": secondary_p,
-        "train": cfg.to_dict(),
-    }
+    return PretrainingConfig.from_params(params)
 
 
-def _history_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
-    return pl.DataFrame(
-        [{k: row.get(k) for k in HISTORY_SCHEMA} for row in rows], schema=HISTORY_SCHEMA
-    )
+def _shard_set(shards: ShardSet | str) -> ShardSet:
+    return ShardSet.open(shards) if isinstance(shards, str) else shards
 
 
 def pretrain_aim(
-    dfn_subset: ShardSet | str, settings: dict[str, Any]
+    dfn_subset: ShardSet | str,
+    secondary_pool: ShardSet | str,
+    pretraining_run: RunDir,
+    settings: PretrainingConfig,
 ) -> tuple[dict[str, Any], dict[str, Any], pl.DataFrame]:
-    """Pre-train on the curated shards (in-process, or under torchrun when ``num_gpus > 1``).
+    """Pre-train on the curated shards (in-process, or under torchrun when ``num_gpus > 1``),
+    mixing in ``secondary_pool`` with probability ``secondary_p`` when it holds shards.
 
-    Returns the final checkpoint, the intermediate checkpoints (read lazily from ``run_dir``)
-    and the training history; resumes from ``run_dir/last.pt`` when ``train.resume`` is true.
+    Returns the final checkpoint, the intermediate checkpoints (read lazily from the run
+    directory) and the training history; resumes from the run directory's ``last.pt`` when
+    ``train.resume`` is true.
     """
-    shard_set = ShardSet.open(dfn_subset) if isinstance(dfn_subset, str) else dfn_subset
+    shard_set = _shard_set(dfn_subset)
     if not shard_set.shards:
         raise ValueError(f"dfn_subset at {shard_set.path} holds no shards: run the curation pipeline")
-    secondary = list_shards(settings["secondary_shards"]) if settings["secondary_shards"] else None
+    secondary = _shard_set(secondary_pool).shards
+    if secondary:
+        logger.info("pretrain_aim: mixing in %d secondary shard(s) with p=%g", len(secondary),
+                    settings.secondary_p)
     train_source, val_source = split_sources(
-        shard_set.shards, settings["val_percent"], secondary, settings["secondary_p"]
+        shard_set.shards, settings.val_percent, secondary or None, settings.secondary_p
     )
-    cfg = TrainConfig.from_dict(settings["train"])
-    run_dir = Path(settings["run_dir"])
-    if settings["num_gpus"] > 1:
-        result = launch_torchrun(cfg, settings["num_gpus"], run_dir, train_source, val_source)
+    if settings.num_gpus > 1:
+        result = launch_torchrun(settings.train, settings.num_gpus, pretraining_run, train_source,
+                                 val_source)
     else:
-        result = train(cfg, train_source, val_source, run_dir)
+        result = train(settings.train, train_source, val_source, pretraining_run)
     return _outputs(result)
 
 
@@ -134,7 +85,10 @@ def _outputs(result: TrainResult) -> tuple[dict[str, Any], dict[str, Any], pl.Da
             step: functools.partial(load_file, path) for step, path in result.intermediate.items()
         },
     }
-    return checkpoint, series, _history_frame(result.history)
+    history = pl.DataFrame(
+        [{k: row.get(k) for k in HISTORY_SCHEMA} for row in result.history], schema=HISTORY_SCHEMA
+    )
+    return checkpoint, series, history
 
 
 def plot_loss_curve(training_history: pl.DataFrame) -> Figure:

@@ -12,8 +12,9 @@ TAG = "pretraining"
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """``dfn_subset`` -> ``aim_checkpoint``, ``aim_intermediate_checkpoints``,
-    ``training_history`` -> ``loss_curve``; the parameter check runs first and does no work."""
+    """``dfn_subset`` (+ ``secondary_pool``, in the run directory ``pretraining_run``) ->
+    ``aim_checkpoint``, ``aim_intermediate_checkpoints``, ``training_history`` -> ``loss_curve``;
+    the parameter check runs first and does no work."""
     return Pipeline(
         [
             node(
@@ -24,7 +25,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 pretrain_aim,
-                inputs=["dfn_subset", "pretraining_settings"],
+                inputs=["dfn_subset", "secondary_pool", "pretraining_run", "pretraining_settings"],
                 outputs=["aim_checkpoint", "aim_intermediate_checkpoints", "training_history"],
                 name="pretrain_aim",
             ),
