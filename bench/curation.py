@@ -224,7 +224,8 @@ def run_ray_stages(
     ``catalog`` (the local run's), saving to ``ray_catalog``; times and output checks."""
     import ray
 
-    from aim_kedro.curation.ray_engine import ExecutorConfig, ensure_ray
+    from aim_kedro.curation.executors import ExecutorConfig
+    from aim_kedro.curation.ray_executor import ensure_ray
 
     executor = {"kind": "ray", "num_cpus": spec["ray_cpus"]}
     start = time.perf_counter()
