@@ -15,6 +15,7 @@ from aim_kedro.curation.config import (
     CurationConfig,
     FacesConfig,
     ScoringConfig,
+    block,
     check_scoring_model,
     validate_curation_params,
 )
@@ -33,10 +34,10 @@ def test_defaults_are_those_of_conf_base() -> None:
     assert defaults.progress == BASE["progress"]
     for name, cls in BLOCKS.items():
         fields = {f.name for f in dataclasses.fields(cls) if f.init}
-        block = BASE[name]
+        values = BASE[name]
         if name != "executor":  # conf/base names only the kind; conf/ray the rest
-            assert set(block) == fields, name
-        for key, value in block.items():
+            assert set(values) == fields, name
+        for key, value in values.items():
             assert _plain(getattr(getattr(defaults, name), key)) == value, f"{name}.{key}"
     assert validate_curation_params(BASE) == defaults
 
@@ -49,7 +50,7 @@ def test_unknown_keys_name_the_block_and_the_closest_key() -> None:
     with pytest.raises(ValueError, match=r"unknown curation\.subset parameter.*-> 'blur_grow'"):
         validate_curation_params(bad)
     with pytest.raises(ValueError, match=r"unknown curation\.faces parameter"):
-        FacesConfig.from_dict({"detectors": {}})
+        block(FacesConfig, {"detectors": {}})
 
 
 def test_bad_values_fail_naming_the_parameter() -> None:

@@ -309,6 +309,7 @@ def load_clip_model(
     ``checkpoint`` the model is built from ``checkpoint["config"]["model_cfg"]`` instead and
     ``model_name`` only labels it. A model that needs a download while offline raises
     ``ModelUnavailableError`` at once; a missing local path raises ``FileNotFoundError``.
+    ``num_threads`` pins the scorer's torch threads (``scoring.ClipScorer``).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

@@ -1,8 +1,8 @@
 """The typed ``curation`` parameters: one config dataclass per block of
 ``conf/base/parameters_curation.yml``, with the same field names and defaults.
 
-Each block is built with ``common.config.from_mapping``, so an unknown key fails naming
-``curation.<block>`` and the closest valid key. A node builds the configs of the blocks it
+Each block is built by ``block(cls, values)`` (``common.config.from_mapping``), so an unknown
+key fails naming ``curation.<block>`` and the closest valid key. A node builds the configs of the blocks it
 takes (cheap); ``validate_curation_params`` checks the whole tree once, before the run, and
 builds the face detector to prove its options (which no node pays for twice).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aim_kedro.common.config import check_keys, from_mapping
 from aim_kedro.curation.clip_models import (
@@ -32,6 +32,8 @@ from aim_kedro.curation.subset import SubsetConfig
 
 SCORING_MODELS = ("filter_network", "open_clip")
 
+C = TypeVar("C")
+
 
 @dataclass(frozen=True)
 class ScoringConfig:
@@ -40,8 +42,9 @@ class ScoringConfig:
     ``model: filter_network`` uses the checkpoint that ``train_filter_network`` wrote;
     ``model: open_clip`` loads ``model_name`` (an open_clip architecture, ``hf-hub:org/repo`` or
     ``local-dir:/path``) with ``pretrained`` (a tag or a local weights file). ``num_threads``
-    pins the torch threads of every forward pass, in this process and in each Ray actor alike,
-    so both executors compute the same scores (null: each process's default).
+    pins the torch threads of every forward pass, in this process and in each Ray actor alike
+    (null: each process's default), so both executors run the same kernels; what last-bit
+    noise remains between processes cannot change a decision (``dedup.score_tolerance``).
     """
 
     model: str = "filter_network"
@@ -77,11 +80,6 @@ class ScoringConfig:
                 f"curation.scoring.num_threads must be a thread count >= 1 or null, got "
                 f"{threads!r}; e.g. 1 (the same in the Kedro process and every Ray actor)"
             )
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> ScoringConfig:
-        """Build from ``curation.scoring``; an unknown key raises a ValueError naming the valid ones."""
-        return from_mapping(cls, values, "curation.scoring")
 
     def nsfw(self, threshold: float | None) -> NsfwConfig:
         """The zero-shot NSFW prompts (defaults unless overridden) with the filter's threshold."""
@@ -138,11 +136,6 @@ class FacesConfig:
             )
         object.__setattr__(self, "detector", dict(self.detector))
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> FacesConfig:
-        """Build from ``curation.faces``; an unknown key raises a ValueError naming the valid ones."""
-        return from_mapping(cls, values, "curation.faces")
-
     def make_detector(self) -> FaceDetector:
         """The detector ``detector`` describes; a bad kind, option or model path raises a
         ValueError naming ``curation.faces.detector``."""
@@ -167,11 +160,6 @@ class ReportConfig:
             raise ValueError(
                 "curation.report.thumbnails must be >= 0 and curation.report.histogram_bins >= 1"
             )
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> ReportConfig:
-        """Build from ``curation.report``; an unknown key raises a ValueError naming the valid ones."""
-        return from_mapping(cls, values, "curation.report")
 
 
 @dataclass(frozen=True)
@@ -201,7 +189,15 @@ BLOCKS: dict[str, Any] = {
     "report": ReportConfig,
     "executor": ExecutorConfig,
 }
+BLOCK_NAMES = {cls: name for name, cls in BLOCKS.items()}
 SECTIONS = ("progress", *BLOCKS)
+
+
+def block(cls: type[C], values: Mapping[str, Any] | None) -> C:
+    """The config of one ``curation.<block>`` mapping (``block(DedupConfig, params)``): the one
+    way nodes and the whole-tree check build them; an unknown key fails naming
+    ``curation.<block>`` and the closest valid key."""
+    return from_mapping(cls, values, f"curation.{BLOCK_NAMES[cls]}")
 
 
 def check_progress(value: Any) -> bool:
@@ -218,7 +214,7 @@ def validate_curation_params(params: Mapping[str, Any]) -> CurationConfig:
     if not isinstance(params, Mapping):
         raise ValueError(f"params:curation must be a mapping, got {type(params).__name__}")
     check_keys(params, SECTIONS, "curation")
-    blocks = {name: cls.from_dict(params.get(name)) for name, cls in BLOCKS.items()}
+    blocks = {name: block(cls, params.get(name)) for name, cls in BLOCKS.items()}
     blocks["faces"].make_detector()
     return CurationConfig(progress=check_progress(params.get("progress", True)), **blocks)
 
@@ -226,17 +222,19 @@ def validate_curation_params(params: Mapping[str, Any]) -> CurationConfig:
 def check_scoring_model(params: Mapping[str, Any]) -> None:
     """Before a run that scores: ``ScoringConfig.check_source`` of ``params:curation``'s
     scoring block (the run hook calls it when score_pool is in the run)."""
-    ScoringConfig.from_dict((params or {}).get("scoring")).check_source()
+    block(ScoringConfig, (params or {}).get("scoring")).check_source()
 
 
 __all__ = [
     "BLOCKS",
     "SCORING_MODELS",
+    "BLOCK_NAMES",
     "SECTIONS",
     "CurationConfig",
     "FacesConfig",
     "ReportConfig",
     "ScoringConfig",
+    "block",
     "check_progress",
     "check_scoring_model",
     "validate_curation_params",

@@ -50,7 +50,7 @@ class ExecutorConfig:
     ``address`` (else ``RAY_ADDRESS``, else a local Ray of ``num_cpus`` CPUs). Scoring runs in
     ``scoring_actors`` actors of ``cpus_per_actor`` CPUs and ``gpus_per_actor`` GPUs (``auto``:
     1 when the cluster has GPUs, else 0), on batches of ``scoring_batch_size`` records (None:
-    ``curation.scoring.batch_size``, which keeps scores bit-identical to the local path).
+    ``curation.scoring.batch_size``: the batches of the local path).
     """
 
     kind: str = "local"

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,6 @@ import polars as pl
 import scipy.fft
 from PIL import Image
 
-from aim_kedro.common.config import from_mapping
 from aim_kedro.curation.executors import (
     Executor,
     LocalExecutor,
@@ -87,11 +86,6 @@ class IndexConfig:
                 f"curation.index.color_grid_size must be in [1, 16] cells, got "
                 f"{self.color_grid_size}; 4 keeps 48 bytes per sample"
             )
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> IndexConfig:
-        """Build from ``curation.index``; an unknown key raises a ValueError naming the valid ones."""
-        return from_mapping(cls, values, "curation.index")
 
 
 def perceptual_hash(image: Image.Image, hash_size: int = 8, highfreq_factor: int = 4) -> int:

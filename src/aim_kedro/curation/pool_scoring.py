@@ -126,6 +126,11 @@ def score_index(
         desc="score pool",
     )
     for task, parts in zip(pending, scored_parts, strict=True):
+        if not parts:
+            raise RuntimeError(
+                f"{task.path} gave no records for its {task.rows.height} index rows: the pool "
+                "changed since pool_index was built; re-run build_pool_index"
+            )
         model = model or parts[0]["model"]
         dim = np.asarray(parts[0]["image_emb"]).shape[1]
         result = concat_score_parts(parts, dim)

@@ -4,7 +4,7 @@ A ``ClipScorer`` wraps an open_clip model (built by ``clip_models.load_clip_mode
 preprocessing and tokenizer. ``score_batch`` scores one batch of ``(uid, image, caption)``
 records, ``score_shard`` one shard's records in bounded batches, so a pool is scored shard by
 shard (``pool_scoring.score_index``). ``num_threads`` pins the torch threads of every forward
-pass, so two processes (the Kedro process and a Ray actor) compute the same floats.
+pass, so two processes (the Kedro process and a Ray actor) run the same kernels.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class ClipScorer:
     Embeddings come back L2-normalised as float16 numpy arrays (what the index stores); scores
     are computed from the float32 embeddings before rounding. Every forward pass runs with
     ``num_threads`` torch threads (None: the process's setting), so two processes that score
-    alike (the Kedro process, a Ray actor) get the same floats.
+    alike (the Kedro process, a Ray actor) run the same kernels.
     """
 
     def __init__(

@@ -21,6 +21,7 @@ from aim_kedro.curation.config import (
     FacesConfig,
     ReportConfig,
     ScoringConfig,
+    block,
     check_progress,
     check_scoring_model,
     validate_curation_params,
@@ -51,7 +52,7 @@ def _done(node: str, start: float, message: str, *args: Any) -> float:
 
 
 def _executor(executor: Params | None, progress: bool) -> Any:
-    return make_executor(ExecutorConfig.from_dict(executor), check_progress(progress))
+    return make_executor(block(ExecutorConfig, executor), check_progress(progress))
 
 
 def build_pool_index(
@@ -59,7 +60,7 @@ def build_pool_index(
 ) -> tuple[pl.DataFrame, dict]:
     """Decode every pool sample safely and index it (sizes, hashes, caption, reject reason)."""
     start = time.perf_counter()
-    table, summary = build_index(raw_pool, IndexConfig.from_dict(index),
+    table, summary = build_index(raw_pool, block(IndexConfig, index),
                                  _executor(executor, progress))
     summary["seconds"] = _done("build_pool_index", start, "%d samples in %d shards, %d valid, "
                                "rejected %s", table.height, summary["shards"], summary["valid"],
@@ -72,8 +73,8 @@ def train_filter_network_node(
 ) -> dict[str, Any]:
     """Train the DFN filtering network on the trusted pairs (skipped when an open_clip model
     scores the pool: the checkpoint then records why it is empty)."""
-    cfg = FilterNetworkConfig.from_dict(filter_network)
-    model = ScoringConfig.from_dict(scoring).model
+    cfg = block(FilterNetworkConfig, filter_network)
+    model = block(ScoringConfig, scoring).model
     start = time.perf_counter()
     if model != "filter_network":
         logger.info("train_filter_network: skipped, curation.scoring.model is %s", model)
@@ -107,12 +108,12 @@ def score_pool(
     shard by shard; each finished shard goes to ``clip_score_cache`` (when the model scores in
     this process), so a killed run resumes from the finished shards. Returns clip_scores,
     clip_embeddings and a summary."""
-    s = ScoringConfig.from_dict(scoring)
-    run_on = ExecutorConfig.from_dict(executor)
+    s = block(ScoringConfig, scoring)
+    run_on = block(ExecutorConfig, executor)
     start = time.perf_counter()
     result, summary = score_index(
         s.loader(filter_network), raw_pool, pool_index.filter(pl.col("reject_reason").is_null()),
-        IndexConfig.from_dict(index), run_on.scoring_batch_size or s.batch_size,
+        block(IndexConfig, index), run_on.scoring_batch_size or s.batch_size,
         s.nsfw(nsfw_threshold), cache=clip_score_cache,
         executor=make_executor(run_on, check_progress(progress)), want_gpu=s.device != "cpu",
         progress=progress,
@@ -130,7 +131,7 @@ def apply_filters(
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """DataComp basic filters and the NSFW cut for every sample the index accepted."""
     start = time.perf_counter()
-    decisions = filter_decisions(pool_index, clip_scores, FilterConfig.from_dict(filters))
+    decisions = filter_decisions(pool_index, clip_scores, block(FilterConfig, filters))
     counts = dict(decisions.group_by("reject_reason").len().drop_nulls().iter_rows())
     summary: dict[str, Any] = {"checked": int(pool_index["reject_reason"].is_null().sum()), **counts}
     summary["seconds"] = _done("apply_filters", start, "rejected %s", counts)
@@ -150,14 +151,14 @@ def deduplicate_pool(
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Eval-leak and duplicate decisions: leaks of ``probe_test`` first, then one representative
     per duplicate cluster among the samples that passed the earlier stages."""
-    cfg = DedupConfig.from_dict(dedup)
+    cfg = block(DedupConfig, dedup)
     start = time.perf_counter()
     pool = dedup_pool(pool_index, clip_scores, filter_decisions)
     embeddings = pool_embeddings(pool, clip_embeddings) if cfg.needs_embeddings else None
     scorer = None
     if cfg.eval_embedding_threshold is not None:
-        scorer = ScoringConfig.from_dict(scoring).loader(filter_network)()
-    eval_table, eval_embeddings = eval_index(probe_test, IndexConfig.from_dict(index), scorer)
+        scorer = block(ScoringConfig, scoring).loader(filter_network)()
+    eval_table, eval_embeddings = eval_index(probe_test, block(IndexConfig, index), scorer)
     decisions, summary = deduplicate(pool, embeddings, eval_table, eval_embeddings, cfg)
     summary["eval_images"] = eval_table.height
     summary["seconds"] = _done(
@@ -179,7 +180,7 @@ def build_pool_manifest(
     account for every pool sample: input = kept + rejected."""
     start = time.perf_counter()
     manifest, summary = build_manifest(pool_index, clip_scores, filter_decisions,
-                                       dedup_decisions, FilterConfig.from_dict(filters))
+                                       dedup_decisions, block(FilterConfig, filters))
     summary["seconds"] = _done("build_pool_manifest", start, "%d input = %d kept + %d rejected, "
                                "score cut %s", summary["input"], summary["kept"],
                                summary["rejected"], summary["threshold"])
@@ -191,10 +192,10 @@ def detect_faces_node(
     executor: Params, progress: bool,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Face boxes of every kept sample, shard by shard."""
-    detector = FacesConfig.from_dict(faces).make_detector()
+    detector = block(FacesConfig, faces).make_detector()
     start = time.perf_counter()
     kept = pool_manifest.filter(pl.col("kept")).select("uid", "shard", "key", "position")
-    table, summary = detect_faces(detector, raw_pool, kept, IndexConfig.from_dict(index),
+    table, summary = detect_faces(detector, raw_pool, kept, block(IndexConfig, index),
                                   _executor(executor, progress))
     summary["seconds"] = _done("detect_faces", start, "%d faces in %d of %d kept images",
                                summary["faces"], summary["images_with_faces"], summary["images"])
@@ -216,8 +217,8 @@ def write_dfn_subset(
     manifest. ``dfn_manifest.face_boxes`` are in raw-pool pixels; each subset sample's .json has
     them in its own pixels. ``check_dfn_subset`` counts what was written."""
     rows = subset_rows(pool_manifest, pool_index, clip_scores, face_boxes)
-    samples = iter_subset(raw_pool, rows, SubsetConfig.from_dict(subset),
-                          IndexConfig.from_dict(index), _executor(executor, progress))
+    samples = iter_subset(raw_pool, rows, block(SubsetConfig, subset),
+                          block(IndexConfig, index), _executor(executor, progress))
     logger.info("write_dfn_subset: streaming %d samples (%d with faces) to the shard writer",
                 rows.height, int((rows["face_count"] > 0).sum()))
     return samples, dfn_manifest(rows)
@@ -230,7 +231,7 @@ def check_dfn_subset(
     manifest rows missing (undecodable at write time); every written uid is in the manifest.
     The place for checks of the written subset."""
     start = time.perf_counter()
-    stats = check_subset(dfn_subset, dfn_manifest, SubsetConfig.from_dict(subset))
+    stats = check_subset(dfn_subset, dfn_manifest, block(SubsetConfig, subset))
     stats["seconds"] = _done(
         "check_dfn_subset", start, "%d of %d samples written (%d with blurred faces, %d "
         "undecodable)", stats["written"], stats["kept"], stats["images_blurred"],
@@ -252,7 +253,7 @@ def report_curation(
     start = time.perf_counter()
     out = build_report(
         pool_manifest, stage_stats, (filter_network or {}).get("metadata"), sample_truth,
-        face_boxes, face_iou=ReportConfig.from_dict(report).face_iou,
+        face_boxes, face_iou=block(ReportConfig, report).face_iou,
     )
     truth = out["truth"] or {}
     _done(
@@ -272,10 +273,10 @@ def plot_curation(
     index: Params,
 ) -> tuple[Figure, Figure, Figure]:
     """The funnel per reason, the score histogram with the cut, and kept/rejected thumbnails."""
-    cfg = ReportConfig.from_dict(report)
+    cfg = block(ReportConfig, report)
     start = time.perf_counter()
     figures = curation_figures(pool_manifest, curation_report, raw_pool,
-                               IndexConfig.from_dict(index), cfg.thumbnails, cfg.histogram_bins)
+                               block(IndexConfig, index), cfg.thumbnails, cfg.histogram_bins)
     _done("plot_curation", start, "3 figures (up to %d+%d thumbnails)", cfg.thumbnails,
           cfg.thumbnails)
     return figures
