@@ -12,6 +12,7 @@ from conftest import noise_png
 from aim_kedro.curation.executors import (
     ExecutorConfig,
     LocalExecutor,
+    ModelStage,
     ShardTask,
     make_executor,
     shard_tasks,
@@ -74,12 +75,12 @@ def test_local_executor_builds_one_model_and_applies_it_per_part(pool: ShardSet)
         return "model"
 
     local = LocalExecutor(progress=False)
-    out = list(local.map_model(make, functools.partial(_keys, suffix=""),
-                               lambda model, key: f"{model}:{key}", shard_tasks(pool)))
+    stage = ModelStage(make, functools.partial(_keys, suffix=""), lambda m, key: f"{m}:{key}")
+    out = list(local.map_model(stage, shard_tasks(pool)))
     assert out == [["model:k0", "model:k1", "model:k2"], ["model:k3", "model:k4", "model:k5"],
                    ["model:k6"]]
     assert local.model_here(make) == "model" and built == [1]
-    assert list(local.map_model(make, _count, lambda m, p: p, [])) == []
+    assert list(local.map_model(ModelStage(make, _count, lambda m, p: p), [])) == []
 
 
 def test_make_executor_follows_the_config() -> None:

@@ -133,7 +133,7 @@ def test_ray_executor_keeps_task_order_across_blocks_and_empty_tasks(
 
     from ray import cloudpickle
 
-    from aim_kedro.curation.executors import shard_tasks
+    from aim_kedro.curation.executors import ModelStage, shard_tasks
     from aim_kedro.curation.ray_executor import ITEMS_PER_BLOCK, RayExecutor
     from aim_kedro.io.shards import ShardSet, write_shards
 
@@ -146,7 +146,7 @@ def test_ray_executor_keeps_task_order_across_blocks_and_empty_tasks(
     assert list(executor.stream_shards(functools.partial(_items, n=n), tasks)) == [
         f"{t}:{i}" for t in (0, 2) for i in range(n * (t + 1))]
     assert executor.map_shards(_parts, tasks) == [[0], [], [0, 1, 2]]
-    assert list(executor.map_model(lambda: "m", _parts, _apply, tasks)) == [
+    assert list(executor.map_model(ModelStage(lambda: "m", _parts, _apply), tasks)) == [
         ["m0"], [], ["m0", "m1", "m2"]]
     assert executor.model_here(lambda: "m") is None
     assert executor.describe(want_gpu=False) == {"executor": "ray", "scoring_actors": 1,

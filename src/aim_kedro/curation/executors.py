@@ -8,8 +8,9 @@ tasks and gives the results back in task order:
 - ``map_shards(work, tasks)``: ``[work(task) for task in tasks]``;
 - ``stream_shards(work, tasks)``: the items of every ``work(task)`` iterable, task after task,
   as a stream (the subset, consumed by the shard writer);
-- ``map_model(make_model, prepare, apply, tasks)``: per task, ``[apply(model, part) for part in
-  prepare(task)]`` with one ``make_model()`` per worker (the CLIP scorer), streamed per task.
+- ``map_model(stage, tasks)``: per task, ``[stage.apply(model, part) for part in
+  stage.prepare(task)]`` with one ``stage.make_model()`` per worker (the CLIP scorer, a
+  ``ModelStage``), streamed per task.
 
 ``LocalExecutor`` runs them in this process, one task after another. ``RayExecutor``
 (``ray_executor.py``) runs them on Ray Data: CPU tasks per shard and, for ``map_model``, an actor
@@ -39,7 +40,6 @@ EXECUTORS = ("local", "ray")
 R = TypeVar("R")
 T = TypeVar("T")
 M = TypeVar("M")
-P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,19 @@ def shard_tasks(
     return [ShardTask(i, by_name[name], groups[(name,)]) for i, name in enumerate(present)]
 
 
+@dataclass(frozen=True)
+class ModelStage:
+    """A stage that needs a model (CLIP scoring): ``prepare(task)`` yields the parts of a shard
+    (CPU work: decoded batches), ``apply(model, part)`` runs the model on one part, and
+    ``make_model()`` builds the model once per worker that holds one; ``want_gpu`` lets a
+    worker take a GPU. All three must pickle for Ray."""
+
+    make_model: Callable[[], Any]
+    prepare: Callable[[ShardTask], Iterable[Any]]
+    apply: Callable[[Any, Any], Any]
+    want_gpu: bool = False
+
+
 class Executor(Protocol):
     """Runs per-shard stage functions over shard tasks, results in task order."""
 
@@ -184,16 +197,10 @@ class Executor(Protocol):
         ...
 
     def map_model(
-        self,
-        make_model: Callable[[], M],
-        prepare: Callable[[ShardTask], Iterable[P]],
-        apply: Callable[[M, P], R],
-        tasks: Sequence[ShardTask],
-        want_gpu: bool = False,
-        desc: str = "",
-    ) -> Iterator[list[R]]:
-        """Per task, ``[apply(model, part) for part in prepare(task)]``, streamed in task order;
-        ``make_model()`` runs once per worker that holds a model."""
+        self, stage: ModelStage, tasks: Sequence[ShardTask], desc: str = ""
+    ) -> Iterator[list[Any]]:
+        """Per task, ``[stage.apply(model, part) for part in stage.prepare(task)]``, streamed
+        in task order; ``stage.make_model()`` runs once per worker that holds a model."""
         ...
 
     def model_here(self, make_model: Callable[[], M]) -> M | None:
@@ -246,19 +253,13 @@ class LocalExecutor:
         return self._model[1]
 
     def map_model(
-        self,
-        make_model: Callable[[], M],
-        prepare: Callable[[ShardTask], Iterable[P]],
-        apply: Callable[[M, P], R],
-        tasks: Sequence[ShardTask],
-        want_gpu: bool = False,
-        desc: str = "",
-    ) -> Iterator[list[R]]:
-        """Per task, ``apply`` on each part ``prepare`` yields, with one model for all."""
-        model = self.model_here(make_model) if tasks else None
+        self, stage: ModelStage, tasks: Sequence[ShardTask], desc: str = ""
+    ) -> Iterator[list[Any]]:
+        """Per task, ``stage.apply`` on each part ``stage.prepare`` yields, one model for all."""
+        model = self.model_here(stage.make_model) if tasks else None
         with self._bar(tasks, desc) as bar:
             for task in tasks:
-                yield [apply(model, part) for part in prepare(task)]
+                yield [stage.apply(model, part) for part in stage.prepare(task)]
                 bar.update(1)
 
     def describe(self, want_gpu: bool | None = None) -> dict[str, Any]:
@@ -283,6 +284,7 @@ __all__ = [
     "Executor",
     "ExecutorConfig",
     "LocalExecutor",
+    "ModelStage",
     "ShardTask",
     "make_executor",
     "shard_file_name",

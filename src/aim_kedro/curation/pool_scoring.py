@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from aim_kedro.curation.executors import Executor, LocalExecutor, ShardTask, shard_tasks
+from aim_kedro.curation.executors import (
+    Executor,
+    LocalExecutor,
+    ModelStage,
+    ShardTask,
+    shard_tasks,
+)
 from aim_kedro.curation.index import IndexConfig, decode_task
 from aim_kedro.curation.resume import (
     ShardResultCache,
@@ -117,14 +123,13 @@ def score_index(
     pending = [t for t in tasks if t.order not in results]
     resumed = len(results)
     model = scorer.model_name if scorer is not None else None
-    scored_parts = executor.map_model(
+    stage = ModelStage(
         make_scorer,
         functools.partial(decode_batches, index_cfg=index_cfg, batch_size=batch_size),
         functools.partial(score_records, batch_size=batch_size, nsfw=nsfw),
-        pending,
         want_gpu=want_gpu,
-        desc="score pool",
     )
+    scored_parts = executor.map_model(stage, pending, desc="score pool")
     for task, parts in zip(pending, scored_parts, strict=True):
         if not parts:
             raise RuntimeError(

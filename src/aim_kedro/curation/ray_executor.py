@@ -5,9 +5,10 @@ billions of pairs spreads over a cluster while a laptop runs the same code with 
 
 - ``map_shards`` / ``stream_shards``: CPU tasks of ``cpus_per_task`` CPUs, one per shard; the
   results (for a stream, the items in small pickled blocks) come back in shard order;
-- ``map_model``: CPU tasks run ``prepare`` (decode a shard into scoring batches), and an actor
-  pool of ``scoring_actors`` actors, each holding one ``make_model()`` (one GPU per actor when the
-  cluster has GPUs), runs ``apply`` on the parts; results are regrouped per shard, in order.
+- ``map_model``: CPU tasks run the stage's ``prepare`` (decode a shard into scoring batches),
+  and an actor pool of ``scoring_actors`` actors, each holding one ``make_model()`` (one GPU
+  per actor when the cluster has GPUs), runs ``apply`` on the parts; results are regrouped per
+  shard, in order.
 
 The global steps (threshold, dedup) stay on the driver over compact arrays. Shards are read by
 the workers through fsspec, so a pool at ``s3://`` or ``gs://`` needs the filesystem package
@@ -24,7 +25,7 @@ import pickle
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from aim_kedro.curation.executors import ExecutorConfig, ShardTask
+from aim_kedro.curation.executors import ExecutorConfig, ModelStage, ShardTask
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -37,7 +38,6 @@ ITEMS_PER_BLOCK = 64
 R = TypeVar("R")
 T = TypeVar("T")
 M = TypeVar("M")
-P = TypeVar("P")
 
 
 def ensure_ray(cfg: ExecutorConfig) -> None:
@@ -229,16 +229,10 @@ class RayExecutor:
         return None
 
     def map_model(
-        self,
-        make_model: Callable[[], M],
-        prepare: Callable[[ShardTask], Iterable[P]],
-        apply: Callable[[M, P], R],
-        tasks: Sequence[ShardTask],
-        want_gpu: bool = False,
-        desc: str = "",
-    ) -> Iterator[list[R]]:
-        """CPU tasks ``prepare`` each shard, an actor pool runs ``apply``; results per shard in
-        order. ``make_model`` and ``apply`` must pickle (they run in each actor)."""
+        self, stage: ModelStage, tasks: Sequence[ShardTask], desc: str = ""
+    ) -> Iterator[list[Any]]:
+        """CPU tasks run ``stage.prepare`` on each shard, an actor pool of models runs
+        ``stage.apply``; the results per shard, in order."""
         if not tasks:
             return
         ensure_ray(self.cfg)
@@ -247,15 +241,15 @@ class RayExecutor:
         def build() -> ray.data.Dataset:
             return _dataset(tasks).map_batches(
                 _prepare_parts, batch_size=1, batch_format="pyarrow",
-                fn_kwargs={"prepare": prepare}, num_cpus=self.cfg.cpus_per_task,
+                fn_kwargs={"prepare": stage.prepare}, num_cpus=self.cfg.cpus_per_task,
             ).map_batches(
                 _ModelActor,
                 batch_size=1,
                 batch_format="pyarrow",
-                fn_constructor_kwargs={"make_model": make_model, "apply": apply},
+                fn_constructor_kwargs={"make_model": stage.make_model, "apply": stage.apply},
                 compute=ray.data.ActorPoolStrategy(size=int(self.cfg.scoring_actors)),
                 num_cpus=self.cfg.cpus_per_actor,
-                num_gpus=resolve_gpus(self.cfg, want_gpu),
+                num_gpus=resolve_gpus(self.cfg, stage.want_gpu),
             )
 
         # Collected, then ordered by shard and part (whatever actor scored each part).
