@@ -1,4 +1,5 @@
-"""The typed curation parameters: defaults equal conf/base, and every bad value fails early."""
+"""curation/config.py (named apart from tests/common/test_config.py): the typed curation parameters,
+defaults equal conf/base, and every bad value fails early."""
 
 from __future__ import annotations
 
