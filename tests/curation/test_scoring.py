@@ -121,6 +121,9 @@ def test_num_threads_pins_the_forward_passes_and_restores_the_setting(
     before = torch.get_num_threads()
     pinned.embed_images(images)
     assert seen and set(seen) == {2} and torch.get_num_threads() == before
+    with pinned.pinned():  # the block the NSFW softmax and the cosine run in, too
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="num_threads"):
         load_clip_model("", checkpoint=checkpoint, device="cpu", num_threads=0)
 

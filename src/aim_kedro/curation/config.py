@@ -42,9 +42,9 @@ class ScoringConfig:
     ``model: filter_network`` uses the checkpoint that ``train_filter_network`` wrote;
     ``model: open_clip`` loads ``model_name`` (an open_clip architecture, ``hf-hub:org/repo`` or
     ``local-dir:/path``) with ``pretrained`` (a tag or a local weights file). ``num_threads``
-    pins the torch threads of every forward pass, in this process and in each Ray actor alike
-    (null: each process's default), so both executors run the same kernels; what last-bit
-    noise remains between processes cannot change a decision (``dedup.score_tolerance``).
+    pins the torch threads of every scoring op, in this process and in each Ray actor alike
+    (null: each process's default), so both executors compute the same scores; a decision
+    never hangs on a last bit anyway (``dedup.score_tolerance``).
     """
 
     model: str = "filter_network"

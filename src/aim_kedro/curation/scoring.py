@@ -3,8 +3,8 @@
 A ``ClipScorer`` wraps an open_clip model (built by ``clip_models.load_clip_model``) with its
 preprocessing and tokenizer. ``score_batch`` scores one batch of ``(uid, image, caption)``
 records, ``score_shard`` one shard's records in bounded batches, so a pool is scored shard by
-shard (``pool_scoring.score_index``). ``num_threads`` pins the torch threads of every forward
-pass, so two processes (the Kedro process and a Ray actor) run the same kernels.
+shard (``pool_scoring.score_index``). ``num_threads`` pins the torch threads of every torch op
+of a score, so two processes (the Kedro process and a Ray actor) compute the same floats.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,9 +83,9 @@ class ClipScorer:
     """An open_clip model in eval mode with its own preprocessing and tokenizer.
 
     Embeddings come back L2-normalised as float16 numpy arrays (what the index stores); scores
-    are computed from the float32 embeddings before rounding. Every forward pass runs with
-    ``num_threads`` torch threads (None: the process's setting), so two processes that score
-    alike (the Kedro process, a Ray actor) run the same kernels.
+    are computed from the float32 embeddings before rounding. Every torch op of a score runs
+    with ``num_threads`` torch threads (``pinned``; None: the process's setting), so two
+    processes (the Kedro process, a Ray actor) compute the same floats.
     """
 
     def __init__(
@@ -141,7 +141,7 @@ class ClipScorer:
         if not len(images):
             return torch.zeros(0, self.embed_dim, device=self.device)
         chunks = []
-        with cpu_threads(self.num_threads), torch.inference_mode(), self._autocast():
+        with self.pinned(), torch.inference_mode(), self._autocast():
             for i in range(0, len(images), self.batch_size):
                 batch = torch.stack([self.preprocess(im) for im in images[i : i + self.batch_size]])
                 feats = self.model.encode_image(batch.to(self.device, non_blocking=True))
@@ -154,7 +154,7 @@ class ClipScorer:
         if not texts:
             return torch.zeros(0, self.embed_dim, device=self.device)
         chunks = []
-        with cpu_threads(self.num_threads), torch.inference_mode(), self._autocast():
+        with self.pinned(), torch.inference_mode(), self._autocast():
             for i in range(0, len(texts), self.batch_size):
                 tokens = self.tokenizer(texts[i : i + self.batch_size]).to(self.device)
                 feats = self.model.encode_text(tokens)
@@ -174,10 +174,21 @@ class ClipScorer:
             self._prompt_cache[prompts] = self._encode_texts(prompts)
         return self._prompt_cache[prompts]
 
+    def pinned(self) -> AbstractContextManager[None]:
+        """A block that runs with the scorer's ``num_threads`` torch threads: every torch op of
+        a score runs in one, so two processes compute the same floats."""
+        return cpu_threads(self.num_threads)
+
     def _nsfw(self, image_emb: torch.Tensor, nsfw: NsfwConfig) -> torch.Tensor:
         prompts = self._prompt_embeddings(nsfw.nsfw_prompts + nsfw.safe_prompts)
-        logits = self.logit_scale * image_emb @ prompts.T
-        return logits.softmax(dim=-1)[:, : len(nsfw.nsfw_prompts)].sum(dim=-1)
+        with self.pinned():
+            logits = self.logit_scale * image_emb @ prompts.T
+            return logits.softmax(dim=-1)[:, : len(nsfw.nsfw_prompts)].sum(dim=-1)
+
+    def cosine(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Row-wise cosine of normalised embeddings (the ``clip_score``)."""
+        with self.pinned():
+            return (image_emb * text_emb).sum(dim=-1)
 
     def nsfw_scores(self, images: Sequence[Image.Image], nsfw: NsfwConfig | None = None) -> np.ndarray:
         """Zero-shot NSFW probability per image, float32 in [0, 1] (see ``NsfwConfig``)."""
@@ -197,7 +208,7 @@ class ClipScorer:
         return {
             "image_emb": img.cpu().numpy().astype(np.float16),
             "text_emb": txt.cpu().numpy().astype(np.float16),
-            "clip_score": (img * txt).sum(dim=-1).cpu().numpy().astype(np.float32),
+            "clip_score": self.cosine(img, txt).cpu().numpy().astype(np.float32),
             "nsfw_score": self._nsfw(img, nsfw or NsfwConfig()).cpu().numpy().astype(np.float32),
         }
 
@@ -259,7 +270,7 @@ def score_batch(
             [captions[i] for i in idx]
         )
     valid = has_image & has_text
-    clip_score = (img32 * txt32).sum(dim=-1).cpu().numpy().astype(np.float32)
+    clip_score = scorer.cosine(img32, txt32).cpu().numpy().astype(np.float32)
     clip_score[~valid] = np.nan
     return {
         "uid": uids,
