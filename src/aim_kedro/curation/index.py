@@ -7,6 +7,7 @@ Shards are read one at a time, so memory holds one shard's samples plus the comp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -18,10 +19,16 @@ import numpy as np
 import polars as pl
 import scipy.fft
 from PIL import Image
-from tqdm.auto import tqdm
 
+from aim_kedro.curation.executors import (
+    Executor,
+    LocalExecutor,
+    ShardTask,
+    shard_file_name,
+    shard_tasks,
+)
 from aim_kedro.io.decode import DecodeError, decode_image
-from aim_kedro.io.shards import ERROR_KEY, SHARD_KEY, Sample, ShardSet, image_bytes
+from aim_kedro.io.shards import ERROR_KEY, Sample, ShardSet, image_bytes
 from aim_kedro.io.uids import default_uid, sample_uid
 
 logger = logging.getLogger(__name__)
@@ -239,58 +246,44 @@ def empty_index() -> pl.DataFrame:
     return pl.DataFrame(schema=INDEX_SCHEMA)
 
 
-def shard_name(sample_or_path: Sample | str) -> str:
-    """The shard file name a sample came from, or of a shard path."""
-    if isinstance(sample_or_path, dict):
-        return str(sample_or_path.get(SHARD_KEY, ""))
-    return str(sample_or_path).rstrip("/").rsplit("/", 1)[-1]
+def decode_task(task: ShardTask, cfg: IndexConfig) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
+    """Decoded images of one shard task's rows (columns shard, position, key, ...), in shard
+    order; ``image`` is None when the bytes no longer decode. Raises ValueError when a sample's
+    key is not the one the table recorded (the shards changed since the index was built)."""
+    if task.rows is None or task.rows.height == 0:
+        return
+    name = shard_file_name(task.path)
+    wanted = {int(row["position"]): row for row in task.rows.iter_rows(named=True)}
+    last = max(wanted)
+    for position, sample in enumerate(task.shards.iter_shard(task.path)):
+        row = wanted.get(position)
+        if row is not None:
+            if str(sample.get("__key__")) != row.get("key", sample.get("__key__")):
+                raise ValueError(
+                    f"{name} position {position} holds key {sample.get('__key__')!r}, "
+                    f"the index says {row.get('key')!r}: the pool changed since "
+                    "pool_index was built; re-run build_pool_index"
+                )
+            found = image_bytes(sample)
+            image = None
+            if found is not None:
+                try:
+                    image = decode_image(found[1], cfg.max_image_pixels)
+                except DecodeError:
+                    image = None
+            yield row, image
+        if position >= last:
+            break
 
 
 def decode_selected(
     shards: ShardSet, table: pl.DataFrame, cfg: IndexConfig
 ) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
-    """Decoded images of the rows of ``table`` (columns shard, position, key, ...), shard by shard.
-
-    Yields ``(row, image)`` in shard order; ``image`` is None when the bytes no longer decode.
-    Only one shard's wanted rows are held at a time. Raises ValueError when a sample's key is
-    not the one the table recorded (the shards changed since the index was built).
-    """
-    if table.height == 0:
-        return
-    groups = table.partition_by("shard", as_dict=True, maintain_order=True)
-    wanted_shards = {key[0] for key in groups}
-    by_name = {shard_name(path): path for path in shards.shards}
-    missing = sorted(wanted_shards - set(by_name))
-    if missing:
-        raise ValueError(
-            f"shards {missing[:3]} of the index are not in {shards.path}; the pool changed "
-            "since pool_index was built: re-run build_pool_index"
-        )
-    for name, path in by_name.items():
-        group = groups.get((name,))
-        if group is None:
-            continue
-        wanted = {int(row["position"]): row for row in group.iter_rows(named=True)}
-        last = max(wanted)
-        for position, sample in enumerate(shards.iter_shard(path)):
-            row = wanted.get(position)
-            if row is not None:
-                if str(sample.get("__key__")) != row.get("key", sample.get("__key__")):
-                    raise ValueError(
-                        f"{name} position {position} holds key {sample.get('__key__')!r}, "
-                        f"the index says {row.get('key')!r}: the pool changed since "
-                        "pool_index was built; re-run build_pool_index"
-                    )
-                found = image_bytes(sample)
-                image = None
-                if found is not None:
-                    try:
-                        image = decode_image(found[1], cfg.max_image_pixels)
-                    except DecodeError:
-                        image = None
-                yield row, image
-            if position >= last:
-                break
+    """Decoded images of the rows of ``table`` (columns shard, position, key, ...), shard by
+    shard in the pool's order (``decode_task`` per shard); only one shard's wanted rows are held
+    at a time."""
+    for task in shard_tasks(shards, table):
+        yield from decode_task(task, cfg)
 
 
 def mark_duplicate_uids(index: pl.DataFrame) -> pl.DataFrame:
@@ -315,15 +308,21 @@ def mark_duplicate_uids(index: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def index_task(task: ShardTask, cfg: IndexConfig) -> pl.DataFrame:
+    """Stage function: the index table of one shard task (every sample of the shard)."""
+    return index_shard(task.shards.iter_shard(task.path), shard_file_name(task.path), cfg)
+
+
 def build_index(
-    shards: ShardSet, cfg: IndexConfig, progress: bool = True
+    shards: ShardSet, cfg: IndexConfig, executor: Executor | None = None, progress: bool = True
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Index every shard of a pool, one shard at a time; return the table and a summary."""
+    """Index every shard of a pool, one task per shard on ``executor`` (local by default);
+    return the table and a summary."""
+    executor = executor or LocalExecutor(progress)
     start = time.perf_counter()
-    frames = []
-    bar = tqdm(shards.shards, desc="index shards", unit="shard", disable=not progress)
-    for path in bar:
-        frames.append(index_shard(shards.iter_shard(path), shard_name(path), cfg))
+    frames = executor.map_shards(
+        functools.partial(index_task, cfg=cfg), shard_tasks(shards), desc="index shards"
+    )
     index = pl.concat(frames, how="vertical") if frames else empty_index()
     index = mark_duplicate_uids(index)
     reasons = dict(
@@ -334,6 +333,7 @@ def build_index(
         "samples": index.height,
         "valid": index.height - sum(reasons.values()),
         "rejected": reasons,
+        **executor.describe(),
         "seconds": round(time.perf_counter() - start, 3),
     }
     return index, summary
@@ -348,13 +348,14 @@ __all__ = [
     "color_grid",
     "crop_hashes",
     "decode_selected",
+    "decode_task",
     "empty_index",
     "index_records",
     "index_sample",
     "index_shard",
+    "index_task",
     "mark_duplicate_uids",
     "perceptual_hash",
     "pixel_sha256",
     "sample_caption",
-    "shard_name",
 ]
