@@ -22,6 +22,7 @@ import polars as pl
 
 from aim_kedro.common.config import from_mapping
 from aim_kedro.curation.eval_leaks import EVAL_LEAK, eval_matches
+from aim_kedro.curation.filters import DECISION_SCHEMA
 from aim_kedro.curation.matching import (
     HashArrays,
     UnionFind,
@@ -29,17 +30,13 @@ from aim_kedro.curation.matching import (
     equal_pairs,
     hash_pairs,
 )
+from aim_kedro.curation.reasons import DUPLICATE
 
 logger = logging.getLogger(__name__)
 
-DUPLICATE = "duplicate"
 
 DEDUP_SCHEMA: dict[str, pl.DataType] = {
-    "uid": pl.String(),
-    "reject_reason": pl.String(),
-    "reject_detail": pl.String(),
-    "dedup_cluster": pl.Int64(),
-    "eval_id": pl.String(),
+    **DECISION_SCHEMA, "dedup_cluster": pl.Int64(), "eval_id": pl.String(),
 }
 
 POOL_COLUMNS = ("uid", "sha256_bytes", "sha256_pixels", "phash", "phash_crops", "color_grid")

@@ -17,6 +17,7 @@ import polars as pl
 from PIL import Image
 
 from aim_kedro.curation.index import (
+    HASH_SCHEMA,
     IndexConfig,
     color_grid,
     crop_hashes,
@@ -24,6 +25,7 @@ from aim_kedro.curation.index import (
     pixel_sha256,
 )
 from aim_kedro.curation.matching import HashArrays, cosine_pairs, hash_pairs
+from aim_kedro.curation.reasons import EVAL_LEAK
 from aim_kedro.io.decode import DecodeError, decode_image
 from aim_kedro.io.shards import Sample, ShardSet, image_bytes, sample_json
 
@@ -31,16 +33,8 @@ if TYPE_CHECKING:
     from aim_kedro.curation.dedup import DedupConfig
     from aim_kedro.curation.scoring import ClipScorer
 
-EVAL_LEAK = "eval_leak"
 
-EVAL_SCHEMA: dict[str, pl.DataType] = {
-    "eval_id": pl.String(),
-    "sha256_bytes": pl.String(),
-    "sha256_pixels": pl.String(),
-    "phash": pl.UInt64(),
-    "phash_crops": pl.List(pl.UInt64()),
-    "color_grid": pl.Binary(),
-}
+EVAL_SCHEMA: dict[str, pl.DataType] = {"eval_id": pl.String(), **HASH_SCHEMA}
 
 
 def eval_records(

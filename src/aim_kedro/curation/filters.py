@@ -16,10 +16,7 @@ import numpy as np
 import polars as pl
 
 from aim_kedro.common.config import from_mapping
-
-BASIC_FILTER = "basic_filter"
-NSFW = "nsfw"
-LOW_CLIP_SCORE = "low_clip_score"
+from aim_kedro.curation.reasons import BASIC_FILTER, LOW_CLIP_SCORE, NSFW
 
 DECISION_SCHEMA: dict[str, pl.DataType] = {
     "uid": pl.String(),

@@ -27,14 +27,22 @@ from aim_kedro.curation.executors import (
     shard_file_name,
     shard_tasks,
 )
+from aim_kedro.curation.reasons import CORRUPT, NO_CAPTION
 from aim_kedro.io.decode import DecodeError, decode_image
 from aim_kedro.io.shards import ERROR_KEY, Sample, ShardSet, image_bytes
 from aim_kedro.io.uids import default_uid, sample_uid
 
 logger = logging.getLogger(__name__)
 
-CORRUPT = "corrupt"
-NO_CAPTION = "no_caption"
+
+HASH_SCHEMA: dict[str, pl.DataType] = {
+    "sha256_bytes": pl.String(),
+    "sha256_pixels": pl.String(),
+    "phash": pl.UInt64(),
+    "phash_crops": pl.List(pl.UInt64()),
+    "color_grid": pl.Binary(),
+}
+"""What dedup compares, computed the same way for pool samples and evaluation images."""
 
 INDEX_SCHEMA: dict[str, pl.DataType] = {
     "uid": pl.String(),
@@ -43,11 +51,7 @@ INDEX_SCHEMA: dict[str, pl.DataType] = {
     "position": pl.UInt32(),
     "width": pl.Int32(),
     "height": pl.Int32(),
-    "sha256_bytes": pl.String(),
-    "sha256_pixels": pl.String(),
-    "phash": pl.UInt64(),
-    "phash_crops": pl.List(pl.UInt64()),
-    "color_grid": pl.Binary(),
+    **HASH_SCHEMA,
     "caption": pl.String(),
     "reject_reason": pl.String(),
     "reject_detail": pl.String(),

@@ -17,9 +17,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from aim_kedro.curation.index import IndexConfig, decode_selected
+from aim_kedro.curation.reasons import LOW_CLIP_SCORE
 from aim_kedro.io.shards import ShardSet
-
-LOW_CLIP_SCORE = "low_clip_score"
 
 
 def score_groups(manifest: pl.DataFrame) -> dict[str, np.ndarray]:

@@ -13,16 +13,7 @@ import numpy as np
 import polars as pl
 from sklearn.metrics import roc_auc_score
 
-STAGES = (
-    "corrupt",
-    "no_caption",
-    "basic_filter",
-    "nsfw",
-    "eval_leak",
-    "duplicate",
-    "low_clip_score",
-)
-"""Reject reasons in the order the decisions are taken; a sample gets the first that applies."""
+from aim_kedro.curation.reasons import STAGES
 
 
 def funnel(manifest: pl.DataFrame) -> dict[str, Any]:
