@@ -222,6 +222,25 @@ def iter_subset(
                     time.perf_counter() - start)
 
 
+def resize_note(pool_index: pl.DataFrame, rows: pl.DataFrame, cfg: SubsetConfig) -> str:
+    """One line on what the subset does to the kept images' size (the shorter sides of the pool
+    images, and the subset's), for the log: a resize is never silent."""
+    sides = (
+        rows.select("uid").join(pool_index.select("uid", "width", "height"), on="uid", how="left")
+        .select(pl.min_horizontal("width", "height").alias("side"))["side"].drop_nulls()
+    )
+    if sides.is_empty():
+        return "no kept images"
+    low, high, median = int(sides.min()), int(sides.max()), int(sides.median())
+    if cfg.only_if_bigger:
+        target = f"shorter side {cfg.shorter_side} px where bigger, others as they are"
+    else:
+        target = f"shorter side {cfg.shorter_side} px"
+    verb = "downscaled to" if low >= cfg.shorter_side else "resized to"
+    return (f"kept images have shorter sides {low}-{high} px (median {median}), {verb} {target} "
+            "(curation.subset.shorter_side)")
+
+
 def check_subset(
     samples: Iterable[Sample], manifest: pl.DataFrame, cfg: SubsetConfig
 ) -> dict[str, Any]:
@@ -275,6 +294,7 @@ __all__ = [
     "encode_image",
     "faces_task",
     "iter_subset",
+    "resize_note",
     "subset_sample",
     "subset_task",
 ]

@@ -203,7 +203,10 @@ def _folder_shards(spec: str, storage_options: Mapping[str, Any] | None) -> tupl
     root = full_location(fs, path.rstrip("/") or path)
     try:
         if protocol_of(spec) in HTTP_PROTOCOLS:
-            fs.cat_file(path, start=0, end=1)  # an unreachable server fails with its cause here
+            try:  # an unreachable server fails here with its cause; a 404 is an absent folder
+                fs.cat_file(path, start=0, end=1)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"shard folder {spec} does not exist") from None
         if not fs.exists(path):
             raise FileNotFoundError(f"shard folder {spec} does not exist")
         if path.endswith(".tar") and fs.isfile(path):

@@ -47,6 +47,7 @@ NODE_ORDER = [
     "deduplicate",
     "build_pool_manifest",
     "detect_faces",
+    "export_dfn_uids",
     "write_dfn_subset",
     "check_dfn_subset",
     "report_curation",
