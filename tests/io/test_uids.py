@@ -34,8 +34,9 @@ def test_datacomp_arrays_round_trip_sorted_in_the_resharders_dtype() -> None:
     buffer = io.BytesIO()
     np.save(buffer, array)
     assert from_datacomp(np.load(io.BytesIO(buffer.getvalue()))) == from_datacomp(array)
-    with pytest.raises(ValueError, match="not a 128-bit hex uid"):
-        to_datacomp(["not-hex"])
+    hashed = to_datacomp(["uid000"])  # a pool's own uid: its sha256's first 128 bits
+    assert "uid000" in UidList(hashed) and "uid001" not in UidList(hashed)
+    assert from_datacomp(hashed) != ["uid000"]
 
 
 def test_uid_list_membership_and_bad_files(tmp_path: Path) -> None:
@@ -45,7 +46,7 @@ def test_uid_list_membership_and_bad_files(tmp_path: Path) -> None:
     assert len(listed) == len(wanted)
     assert all(uid in listed for uid in wanted)
     assert not any(f"{i:032x}" in listed for i in range(1, 1000, 7))
-    assert "not-hex" not in listed
+    assert "not-hex" not in listed and "" not in listed
     np.save(tmp_path / "wrong.npy", np.arange(4))
     with pytest.raises(ValueError, match="not a DataComp uid list"):
         UidList.load(str(tmp_path / "wrong.npy"))

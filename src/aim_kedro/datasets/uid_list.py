@@ -43,7 +43,7 @@ class _UidListFile(AbstractVersionedDataset[Any, np.ndarray]):
         return array
 
     def save(self, data: Any) -> None:
-        """Write a uid list: DataComp's array, or any iterable of hex uids (converted, sorted)."""
+        """Write a uid list: DataComp's array, or any iterable of uids (``io.uids.to_datacomp``)."""
         array = data if isinstance(data, np.ndarray) and data.dtype.names else to_datacomp(data)
         buffer = io.BytesIO()
         np.save(buffer, array)

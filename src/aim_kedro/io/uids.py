@@ -52,18 +52,23 @@ def sample_uid(sample: Sample, shard: str | None = None) -> str:
     return default_uid(where, str(sample.get("__key__", "")))
 
 
+def is_hex_uid(uid: object) -> bool:
+    """Whether ``uid`` is DataComp's kind: up to 32 hex characters (a 128-bit number)."""
+    return isinstance(uid, str) and bool(_HEX_UID.match(uid))
+
+
 def uid_halves(uid: str) -> tuple[int, int]:
-    """The (upper, lower) 64-bit halves of a hex uid, as DataComp stores it (left-padded with
-    zeros to 32 characters). Raises ValueError for a uid that is not up to 32 hex characters."""
-    if not isinstance(uid, str) or not _HEX_UID.match(uid):
-        raise ValueError(f"uid {uid!r} is not a 128-bit hex uid (up to 32 hex characters)")
-    return divmod(int(uid, 16), 1 << 64)
+    """The (upper, lower) 64-bit halves of a uid as DataComp stores it: a hex uid as its number
+    (left-padded with zeros to 32 characters); any other uid (a pool that declares its own) as
+    the first 128 bits of its sha256, so a uid list still round-trips through this project."""
+    text = str(uid)
+    number = text if is_hex_uid(text) else hashlib.sha256(text.encode()).hexdigest()[:32]
+    return divmod(int(number, 16), 1 << 64)
 
 
 def to_datacomp(uids: Iterable[str]) -> np.ndarray:
     """DataComp's uid-list array of ``uids``: sorted, unique, dtype ``u8,u8``, what its
-    resharder reads (``np.save`` it as ``.npy``). Raises ValueError naming a uid that is not
-    128-bit hex."""
+    resharder reads (``np.save`` it as ``.npy``); non-hex uids as ``uid_halves`` says."""
     pairs = sorted({uid_halves(str(u)) for u in uids})
     return np.array(pairs, dtype=DATACOMP_UID_DTYPE) if pairs else np.zeros(0, DATACOMP_UID_DTYPE)
 
@@ -115,10 +120,7 @@ class UidList:
         return int(self.array.size)
 
     def __contains__(self, uid: object) -> bool:
-        try:
-            hi, lo = uid_halves(str(uid))
-        except ValueError:
-            return False
+        hi, lo = uid_halves(str(uid))
         upper = np.uint64(hi)
         start = int(np.searchsorted(self._upper, upper, "left"))
         stop = int(np.searchsorted(self._upper, upper, "right"))
@@ -134,6 +136,7 @@ __all__ = [
     "declared_uid",
     "default_uid",
     "from_datacomp",
+    "is_hex_uid",
     "sample_uid",
     "to_datacomp",
     "uid_halves",

@@ -46,7 +46,7 @@ from aim_kedro.curation.subset import (
     resize_note,
 )
 from aim_kedro.io.shards import ERROR_KEY, Sample, ShardSet, image_bytes, sample_text
-from aim_kedro.io.uids import to_datacomp
+from aim_kedro.io.uids import is_hex_uid, to_datacomp
 
 logger = logging.getLogger(__name__)
 
@@ -206,13 +206,12 @@ def export_dfn_uids(pool_manifest: pl.DataFrame) -> np.ndarray:
     """The kept uids in DataComp's subset format (``dfn_uids``): what its resharder reads and
     what ``curation.index.uid_list`` applies to another copy of the pool."""
     kept = pool_manifest.filter(pl.col("kept"))["uid"].to_list()
-    try:
-        array = to_datacomp(kept)
-    except ValueError as exc:
-        raise ValueError(
-            f"dfn_uids: {exc}. DataComp uid lists hold 128-bit hex uids: this pool declares other "
-            "uids in its .json; drop the 'uid' field to get the derived ones"
-        ) from exc
+    other = [uid for uid in kept if not is_hex_uid(uid)]
+    if other:
+        logger.warning("export_dfn_uids: %d kept uids are not 128-bit hex (e.g. %r): stored as "
+                       "their sha256's first 128 bits, which only this project's uid_list "
+                       "matches, not DataComp's resharder", len(other), other[0])
+    array = to_datacomp(kept)
     logger.info("export_dfn_uids: %d kept uids in DataComp's format", array.size)
     return array
 
