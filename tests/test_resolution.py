@@ -60,3 +60,15 @@ def test_a_subset_larger_than_the_filters_minimum_would_upscale() -> None:
         validate_curation_params(params["curation"])
     params["curation"]["subset"]["only_if_bigger"] = True
     validate_curation_params(params["curation"])
+
+
+def test_the_run_hook_refuses_an_upscale_before_any_node() -> None:
+    from kedro.io import DataCatalog, MemoryDataset
+
+    from aim_kedro.hooks import ValidateBeforeRunHooks
+    from aim_kedro.pipelines.pretraining import create_pipeline
+
+    params = _params(pretraining__train__model_overrides={"img_size": 64, "patch_size": 4})
+    catalog = DataCatalog({"parameters": MemoryDataset(params)})
+    with pytest.raises(ValueError, match="would upscale the 48 px of dfn_subset"):
+        ValidateBeforeRunHooks().before_pipeline_run({}, create_pipeline(), catalog)

@@ -10,8 +10,6 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
-from aim_kedro.resolution import check_resolution
-
 logger = logging.getLogger(__name__)
 
 # Parameter block -> the function that checks it (raises ValueError/FileNotFoundError naming
@@ -75,6 +73,8 @@ class ValidateBeforeRunHooks:
             validator(parameters[block])
             logger.info("parameters '%s' checked", block)
         # The resolution contract (issue 13): no stage upscales what the one before it wrote.
+        from aim_kedro.resolution import check_resolution
+
         check_resolution(parameters, parameter_blocks(pipeline))
         for node_name in sorted({n.name for n in pipeline.nodes} & set(PREFLIGHT)):
             block, path = PREFLIGHT[node_name]
