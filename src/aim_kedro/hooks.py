@@ -247,5 +247,6 @@ class RunManifestHooks:
                     if is_versioned(dataset) else filepath_of(dataset)
             except Exception as exc:  # noqa: BLE001 - never hide the run's own result or error
                 logger.error("could not save the run manifest: %s", exc)
-        (logger.info if status == "completed" else logger.warning)(
-            "%s%s", "" if status == "completed" else "failed ", record.summary(where))
+        for line in record.summary(where):
+            (logger.info if status == "completed" else logger.warning)(
+                "%s%s", "" if status == "completed" else "failed ", line)

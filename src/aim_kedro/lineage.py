@@ -256,14 +256,17 @@ class RunRecord:
             "pid": os.getpid(),
         }
 
-    def summary(self, where: str | None) -> str:
-        """The short log line a run ends with: what it wrote and what it read, with versions."""
+    def summary(self, where: str | None) -> list[str]:
+        """The short log lines a run ends with: what it wrote and read, with versions, and where
+        its manifest is."""
         wrote = ", ".join(sorted(self.outputs)) or "nothing"
         read = ", ".join(f"{n}@{i['version'] or 'unversioned'}"
                          for n, i in sorted(self.inputs.items())) or "no saved entry"
-        tail = f"; manifest {where}" if where else ""
-        return (f"run {self.version}: {len(self.nodes)} nodes wrote {len(self.outputs)} entries "
-                f"({wrote}); read {read}{tail}")
+        lines = [f"run {self.version}: {len(self.nodes)} nodes wrote {len(self.outputs)} entries "
+                 f"({wrote})", f"run {self.version} read {read}"]
+        if where:
+            lines.append(f"run {self.version} manifest: {where}")
+        return lines
 
 
 def _user() -> str:

@@ -28,7 +28,6 @@ from typing import Any
 from kedro.pipeline import Pipeline
 
 from aim_kedro.checks import RunRefused
-from aim_kedro.datasets._scratch import sweep
 from aim_kedro.lineage import MANIFEST, command_line, dataset_of, entry_folder, is_memory
 
 logger = logging.getLogger(__name__)
@@ -173,6 +172,8 @@ def _describe(holder: dict[str, Any]) -> str:
 
 def sweep_catalog(catalog: Any) -> list[str]:
     """Sweep the folders that hold the catalog's local entries (see ``datasets._scratch``)."""
+    from aim_kedro.datasets._scratch import sweep  # the datasets package imports torch
+
     folders = set()
     for name in catalog.keys():
         try:
