@@ -44,8 +44,8 @@ class RunError(click.ClickException):
         self.error = error
 
     def show(self, file: IO[Any] | None = None) -> None:
-        """``Error (ValueError): <message>`` and how to see the traceback."""
-        name = type(self.error).__name__
+        """``Error (NoSpaceError): <message>`` and how to see the traceback."""
+        name = type(expected_cause(self.error) or self.error).__name__
         message = str(self.error).strip()
         if isinstance(self.error, KeyError) and message.startswith(("'", '"')):
             message = message[1:-1]
@@ -53,12 +53,24 @@ class RunError(click.ClickException):
         click.echo("(run again with --verbose for the traceback)", err=True, file=file)
 
 
+def expected_cause(error: BaseException | None) -> BaseException | None:
+    """The first error of ``error``'s chain that a check or a dataset marked as expected (Kedro
+    wraps a dataset's error in its own ``DatasetError``)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "expected_error", False):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def is_expected(error: BaseException) -> bool:
     """A configuration error: marked by the run's checks or a dataset, or one of Kedro's own
     option errors raised before any node started."""
     from aim_kedro.hooks import nodes_started
 
-    if getattr(error, "expected_error", False):
+    if expected_cause(error) is not None:
         return True
     return isinstance(error, OPTION_ERRORS) and not nodes_started()
 

@@ -126,6 +126,8 @@ def no_space_error(exc: BaseException, dataset: str, target: Path | str,
         return None
     kept = (f"the previous version {previous} is intact and stays the newest" if previous
             else "there was no previous version")
+    relative = os.path.relpath(str(target))
+    target = target if relative.startswith("..") else relative
     return NoSpaceError(
         f"saving `{dataset}` to {target} failed: {reason} ({exc}); {free_space(target)} free on "
         f"the disk that holds it. Nothing of this save was kept and {kept}. Free some space "
