@@ -83,7 +83,7 @@ def test_runs_are_quiet_and_end_with_what_they_wrote(cli_project) -> None:
         for noise in ("\x1b[", "deprecat", "Workflow tracking", "UserWarning", "Traceback"):
             assert noise.lower() not in out.lower(), f"{name}: {noise!r} in the output"
         manifest = _manifest_of(cli_project["path"], name)
-        summary = f"run {manifest['version']}: {len(manifest['nodes'])} nodes wrote"
+        summary = f"run {manifest['version']}: {len(manifest['nodes'])} node(s) ran, "
         assert summary in out, f"{name}: no summary line {summary!r}"
         where = f"data/08_reporting/run_manifest.json/{manifest['version']}/run_manifest.json"
         assert f"run {manifest['version']} manifest: {where}" in out

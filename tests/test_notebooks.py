@@ -134,9 +134,10 @@ def test_kedro_jupyter_lab_serves_jupyterlab(tmp_path: Path) -> None:
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
            "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "HOME": str(tmp_path)}
     kedro = str(Path(sys.executable).parent / "kedro")
+    root = ["--allow-root"] if os.geteuid() == 0 else []  # CI runs as root; Jupyter refuses it
     proc = subprocess.Popen(
         [kedro, "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", "--port=0",
-         "--IdentityProvider.token=", "--ServerApp.password="],
+         "--IdentityProvider.token=", "--ServerApp.password=", *root],
         cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     seen, url = [], None
@@ -154,9 +155,10 @@ def test_kedro_jupyter_lab_serves_jupyterlab(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"{url}/lab", timeout=30) as response:
             assert response.status == 200
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -50,7 +50,7 @@ def _api(build: Path, path: str) -> dict:
     return json.loads((build / "api" / path).read_text())
 
 
-def test_every_pipeline_is_registered() -> None:
+def test_every_pipeline_is_registered(viz_build) -> None:
     missing = [name for name in DEFAULT_ORDER if name not in _registered()]
     assert not missing, f"pipelines not registered (yet?): {missing}"
 

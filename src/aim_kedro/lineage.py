@@ -262,8 +262,8 @@ class RunRecord:
         wrote = ", ".join(sorted(self.outputs)) or "nothing"
         read = ", ".join(f"{n}@{i['version'] or 'unversioned'}"
                          for n, i in sorted(self.inputs.items())) or "no saved entry"
-        lines = [f"run {self.version}: {len(self.nodes)} nodes wrote {len(self.outputs)} entries "
-                 f"({wrote})", f"run {self.version} read {read}"]
+        lines = [f"run {self.version}: {len(self.nodes)} node(s) ran, {len(self.outputs)} "
+                 f"entries written ({wrote})", f"run {self.version} read {read}"]
         if where:
             lines.append(f"run {self.version} manifest: {where}")
         return lines
