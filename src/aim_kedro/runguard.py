@@ -140,7 +140,7 @@ class RunGuard:
                              "started in the same millisecond; start this one again") from exc
         self._claimed = path
 
-    def release(self, keep_claim: bool = True) -> None:
+    def release(self) -> None:
         """Drop the locks (and the version claim, when no manifest went into it)."""
         for fd in self._fds.values():
             try:
@@ -148,7 +148,7 @@ class RunGuard:
             finally:
                 os.close(fd)
         self._fds.clear()
-        if self._claimed is not None and (not keep_claim or not any(self._claimed.iterdir())):
+        if self._claimed is not None and not any(self._claimed.iterdir()):
             try:
                 self._claimed.rmdir()
             except OSError:
