@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -303,3 +304,109 @@ def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# --- the whole project through the CLI, on a copy, at small size -----------------------------
+
+# The whole project in about a minute: what the CLI tests and notebooks need, not the sample's
+# targets. Written to the copy's conf/local/parameters_small.yml, as a user would.
+SMALL_RUN = {
+    "sample": {
+        "counts": {"clean_digits": 40, "clean_photos": 20, "wrong_caption": 6,
+                   "exact_duplicate": 4, "near_duplicate": 4, "face": 12, "corrupt": 4,
+                   "eval_leak": 3},
+        "trusted": {"digit_renders": 0, "photos": 10, "faces": 6},
+    },
+    "curation": {"progress": False, "filter_network": TINY_FILTER_NETWORK},
+    "pretraining": {
+        "val_percent": 20.0,
+        "train": {"preset": "aim_tiny", "batch_size": 16, "warmup_steps": 2, "total_steps": 12,
+                  "checkpoint_every": 6, "keep_every": 6, "val_every": 6, "val_batches": 1,
+                  "num_workers": 0, "progress": False},
+    },
+    "evaluation": {
+        "probes": {"lrs": {"attentive": [1.0e-2], "linear": [3.0e-3]}, "epochs": 1,
+                   "min_steps": 20, "low_shot": {"shots": 10, "seeds": [0]}},
+        "loss_vs_accuracy": {"max_checkpoints": 3},
+    },
+}
+# The published AIM v1 format: the reference's tiny model, probed by evaluation_ml_aim.
+TINY_AIM_V1 = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "num_blocks": 4, "num_heads": 4,
+               "probe_layers": 2, "num_classes": 10}
+CLI_TIMEOUT_S = 900
+
+
+def kedro_cli(project: Path, *args: str, env: dict[str, str] | None = None,
+              timeout: float = CLI_TIMEOUT_S, program: str = "kedro",
+              **popen: object) -> subprocess.CompletedProcess:
+    """``kedro <args>`` (or ``aim-kedro``) in ``project``, in a subprocess, as a user types it;
+    stdout and stderr together in ``.stdout``."""
+    command = [str(Path(sys.executable).parent / program), *args]
+    environment = {**os.environ, "COLUMNS": "240", **(env or {})}
+    return subprocess.run(command, cwd=project, env=environment, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False,
+                          **popen)
+
+
+def small_project(root: Path) -> Path:
+    """A project copy with SMALL_RUN in conf/local and the published AIM v1 tiny model as its
+    ``ml_aim_checkpoint`` (with ``evaluation.trunk.config``)."""
+    project = copy_project(root)
+    params = {block: dict(values) for block, values in SMALL_RUN.items()}
+    params["evaluation"] = {**params["evaluation"], "trunk": {"config": TINY_AIM_V1}}
+    (project / "conf/local/parameters_small.yml").write_text(yaml.safe_dump(params))
+    (project / "conf/local/catalog.yml").write_text(yaml.safe_dump({"ml_aim_checkpoint": {
+        "type": "aim_kedro.datasets.StateDictDataset",
+        "filepath": str(REFERENCE / "tiny_aim_v1.safetensors")}}))
+    return project
+
+
+def run_order(pipes: dict) -> list[str]:
+    """Registered pipeline names in an order where each one's inputs are made before it (inputs
+    that no registered pipeline makes are the catalog's own)."""
+    made = {out for pipe in pipes.values() for out in pipe.all_outputs()}
+    order: list[str] = []
+    done: set[str] = set()
+    while len(order) < len(pipes):
+        ready = [name for name, pipe in sorted(pipes.items()) if name not in order
+                 and all(i.startswith("params:") or i not in made or i in done
+                         for i in pipe.inputs())]
+        assert ready, f"pipelines {sorted(set(pipes) - set(order))} need each other's outputs"
+        order.append(ready[0])
+        done |= pipes[ready[0]].all_outputs()
+    return order
+
+
+CLI_RUNS = "logs/cli-runs.json"  # each run's exit code and output, kept with the project
+
+
+@pytest.fixture(scope="session")
+def cli_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every registered pipeline run with ``kedro run --pipelines NAME`` on a small project copy,
+    in data order: ``{"path": project, "runs": {name: CompletedProcess}}``.
+
+    ``AIM_KEDRO_TEST_CLI_PROJECT=<folder>`` reuses a project that this fixture built before
+    (it keeps the runs' output in ``logs/cli-runs.json``), to iterate on the CLI tests quickly.
+    """
+    import json
+
+    from kedro.framework.startup import bootstrap_project
+
+    from aim_kedro.lineage import registered_pipelines
+
+    reuse = os.environ.get("AIM_KEDRO_TEST_CLI_PROJECT")
+    if reuse and (Path(reuse) / CLI_RUNS).is_file():
+        saved = json.loads((Path(reuse) / CLI_RUNS).read_text())
+        runs = {name: subprocess.CompletedProcess(run["args"], run["returncode"], run["stdout"])
+                for name, run in saved.items()}
+        bootstrap_project(Path(reuse))
+        return {"path": Path(reuse), "runs": runs}
+    project = small_project(tmp_path_factory.mktemp("cli") / "project")
+    bootstrap_project(project)
+    runs = {}
+    for name in run_order(registered_pipelines()):
+        runs[name] = kedro_cli(project, "run", "--pipelines", name)
+    (project / CLI_RUNS).write_text(json.dumps(
+        {name: {"args": run.args, "returncode": run.returncode, "stdout": run.stdout}
+         for name, run in runs.items()}))
+    return {"path": project, "runs": runs}

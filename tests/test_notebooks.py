@@ -1,28 +1,35 @@
-"""The notebooks run top to bottom on the project's data, in a kernel of this venv's Python.
+"""The notebooks run top to bottom on the project's data, in a kernel of this venv's Python, and
+``kedro jupyter lab`` (how their first cell says to open them) serves JupyterLab.
 
-They read what `make run` (or `kedro run`) wrote under data/. Where that is missing (a fresh
-clone, CI), the whole project is first run on a copy with a small sample, a tiny filtering
-network, the `aim_tiny` trunk and short probes (about a minute on 2 cores), and the notebooks
-read that copy. AIM_KEDRO_PROJECT points the notebooks and this test at another project.
+They read the versions of one run (the newest completed ``run_manifest`` that covers what they
+show). Where this project has no such run (a fresh clone, CI), they read ``cli_project``: the
+whole project run through the CLI on a small copy (tests/conftest.py). AIM_KEDRO_PROJECT
+points the notebooks and this test at another project.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import TINY_FILTER_NETWORK
 from kedro.config import OmegaConfigLoader
-from kedro.framework.session import KedroSession
-from kedro.framework.startup import bootstrap_project
 from kedro.io import DataCatalog
+
+from aim_kedro.lineage import RunVersions
 
 PROJECT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = PROJECT / "notebooks"
 KERNEL_NAME = "aim-kedro-test-python"
 CELL_TIMEOUT_S = 600
+JUPYTER_START_S = 240
 # Catalog entries each notebook loads, and how many figures it draws at least.
 INPUTS = {
     "01_explore_dfn_subset.ipynb": (
@@ -38,61 +45,31 @@ INPUTS = {
 }
 
 
-# The whole project in about a minute: what the notebooks need, not the sample's targets.
-SMALL_RUN = {
-    "sample": {
-        "counts": {"clean_digits": 40, "clean_photos": 20, "wrong_caption": 6,
-                   "exact_duplicate": 4, "near_duplicate": 4, "face": 12, "corrupt": 4,
-                   "eval_leak": 3},
-        "trusted": {"photos": 10, "faces": 6},
-    },
-    "curation": {"progress": False, "filter_network": TINY_FILTER_NETWORK},
-    "pretraining": {
-        "val_percent": 20.0,
-        "train": {"preset": "aim_tiny", "batch_size": 16, "warmup_steps": 2, "total_steps": 12,
-                  "checkpoint_every": 6, "keep_every": 6, "val_every": 6, "val_batches": 1,
-                  "num_workers": 0, "progress": False},
-    },
-    "evaluation": {
-        "probes": {"lrs": {"attentive": [1.0e-2], "linear": [3.0e-3]}, "epochs": 1,
-                   "min_steps": 20, "low_shot": {"shots": 10, "seeds": [0]}},
-        "loss_vs_accuracy": {"max_checkpoints": 3},
-    },
-}
-
-
 def _project() -> Path:
     return Path(os.environ.get("AIM_KEDRO_PROJECT", PROJECT)).resolve()
 
 
 @pytest.fixture(scope="module")
-def notebook_project(tmp_path_factory: pytest.TempPathFactory, make_project_copy) -> Path:
-    """The project whose data the notebooks read: this one (or AIM_KEDRO_PROJECT) when it holds
-    every input, else a copy on which the whole project has just run at small size."""
+def notebook_project(request: pytest.FixtureRequest) -> Path:
+    """The project whose data the notebooks read: this one (or AIM_KEDRO_PROJECT) when one of
+    its runs covers every input, else ``cli_project``."""
     project = _project()
-    if all(not _missing(project, inputs) for inputs, _ in INPUTS.values()):
+    if all(_run_of(project, inputs) is not None for inputs, _ in INPUTS.values()):
         return project
-    copy = make_project_copy(tmp_path_factory.mktemp("notebooks") / "project")
-    bootstrap_project(copy)
-    cwd = Path.cwd()
-    os.chdir(copy)  # relative catalog paths (pretraining_run, a run folder) are read from the cwd
-    try:
-        with KedroSession.create(project_path=copy, runtime_params=SMALL_RUN) as session:
-            session.run()
-    finally:
-        os.chdir(cwd)
-    return copy
+    return request.getfixturevalue("cli_project")["path"]
 
 
-def _missing(project: Path, names: tuple[str, ...]) -> list[str]:
-    """Entries without a saved version, read with the project's base + local catalog."""
+def _run_of(project: Path, names: tuple[str, ...]) -> RunVersions | None:
+    """The run the notebooks would read there (None when no completed run covers ``names``)."""
     conf = OmegaConfigLoader(conf_source=str(project / "conf"), base_env="base",
                              default_run_env="local")
     cwd = Path.cwd()
     os.chdir(project)  # catalog file paths are relative to the project root
     try:
         catalog = DataCatalog.from_config(conf["catalog"])
-        return [name for name in names if name not in catalog or not catalog.exists(name)]
+        return RunVersions.find(catalog, needs=names)
+    except ValueError:
+        return None
     finally:
         os.chdir(cwd)
 
@@ -127,7 +104,8 @@ def test_notebook_runs_top_to_bottom(name: str, tmp_path: Path, notebook_project
     from nbclient import NotebookClient
 
     inputs, min_figures = INPUTS[name]
-    assert _missing(notebook_project, inputs) == []
+    run = _run_of(notebook_project, inputs)
+    assert run is not None
     monkeypatch.setenv("AIM_KEDRO_PROJECT", str(notebook_project))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -138,3 +116,49 @@ def test_notebook_runs_top_to_bottom(name: str, tmp_path: Path, notebook_project
         for output in cell.outputs if "image/png" in output.get("data", {})
     )
     assert figures >= min_figures, f"{name} drew {figures} figures, expected {min_figures}+"
+    text = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"RunVersions({run.version}:" in text, f"{name} did not read run {run.version}"
+
+
+def test_notebooks_say_how_to_open_them() -> None:
+    for name in INPUTS:
+        intro = nbformat.read(NOTEBOOKS / name, as_version=4).cells[0]
+        assert intro.cell_type == "markdown" and "kedro jupyter lab" in intro.source, name
+        assert "AIM_KEDRO_RUN" in intro.source, name
+
+
+@pytest.mark.slow
+def test_kedro_jupyter_lab_serves_jupyterlab(tmp_path: Path) -> None:
+    """The documented `kedro jupyter lab` starts JupyterLab with the project's kernel."""
+    env = {**os.environ, "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "HOME": str(tmp_path)}
+    kedro = str(Path(sys.executable).parent / "kedro")
+    root = ["--allow-root"] if os.geteuid() == 0 else []  # CI runs as root; Jupyter refuses it
+    proc = subprocess.Popen(
+        [kedro, "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", "--port=0",
+         "--IdentityProvider.token=", "--ServerApp.password=", *root],
+        cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    seen, url = [], None
+    deadline = time.monotonic() + JUPYTER_START_S
+    try:
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            seen.append(line)
+            if match := re.search(r"(http://127\.0\.0\.1:\d+)/lab", line):
+                url = match.group(1)
+        assert url, "JupyterLab did not start:\n" + "".join(seen[-40:])
+        with urllib.request.urlopen(f"{url}/api/kernelspecs", timeout=30) as response:
+            specs = response.read().decode()
+        assert "kedro_aim_kedro" in specs, specs[:2000]
+        with urllib.request.urlopen(f"{url}/lab", timeout=30) as response:
+            assert response.status == 200
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

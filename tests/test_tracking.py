@@ -144,3 +144,16 @@ def test_node_outputs_are_logged_to_the_open_run(tmp_path: Path, clean_mlflow_en
     points = client.get_metric_history(run_id, "training_history.train_loss")
     assert [(p.step, p.value) for p in sorted(points, key=lambda p: p.step)] == [(0, 2.0), (5, 1.5)]
     assert "aim_checkpoint.loss" not in client.get_run(run_id).data.metrics
+
+
+def test_conf_base_tracks_no_registered_pipeline() -> None:
+    """Every registered pipeline (and a bare `kedro run`) is in conf/base's disabled list, so no
+    run reaches MLflow (nor makes mlruns/) unless conf/local asks."""
+    from aim_kedro.lineage import registered_pipelines
+
+    project = Path(__file__).resolve().parents[1]
+    bootstrap_project(project)
+    config = yaml.safe_load((project / "conf/base/mlflow.yml").read_text())
+    disabled = set(config["tracking"]["disable_tracking"]["pipelines"])
+    missing = sorted({"__default__", *registered_pipelines()} - disabled)
+    assert not missing, f"conf/base/mlflow.yml tracks {missing}: list them under disable_tracking"

@@ -1,16 +1,16 @@
 """Project settings: the OmegaConf config loader with base and local environments, and hooks."""
 
-import warnings
-
 from kedro.config import OmegaConfigLoader
 
-from aim_kedro.hooks import ValidateBeforeRunHooks
+from aim_kedro.console import quiet
+from aim_kedro.hooks import RunManifestHooks, ValidateBeforeRunHooks
 from aim_kedro.tracking import MlflowTracking
 
-# Kedro 1.7's config loader calls a deprecated OmegaConf API on every load; the warning is noise.
-warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
+# Imported when Kedro bootstraps the project, before it loads its plugins: no noise warnings,
+# progress bars at a bounded rate in log files.
+quiet()
 
-HOOKS = (ValidateBeforeRunHooks(), MlflowTracking())
+HOOKS = (ValidateBeforeRunHooks(), RunManifestHooks(), MlflowTracking())
 
 # kedro-mlflow (a dev extra) registers its hook in every session once installed; MlflowTracking
 # replaces it and stays inert unless conf enables tracking for a pipeline of the run.

@@ -89,3 +89,58 @@ def test_result_json_and_summary_of_a_finished_run(tmp_path, tiny_shards, tiny_t
     assert on_disk.history == result.history and sorted(on_disk.intermediate) == [0, 2, 4]
     for name, tensor in result.state_dict.items():
         assert torch.equal(on_disk.state_dict[name], tensor), name
+
+
+def test_save_last_keeps_the_checkpoint_before_it(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.prepare()
+    for step in (2, 4):
+        save_last(run, model={}, optimizer={}, step=step, history=[], ranks=[], train_config={},
+                  model_config={"depth": 2})
+    assert torch.load(run.last, weights_only=False)["step"] == 4
+    assert torch.load(run.previous, weights_only=False)["step"] == 2
+    assert not list(run.path.glob("*.tmp"))
+    run.clear()
+    assert not run.last.exists() and not run.previous.exists()
+
+
+def _truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_last_pt_resumes_from_the_previous_one_and_loses_nothing(
+        tmp_path, tiny_shards, tiny_train_config, caplog, damage):
+    shards = tiny_shards(tmp_path / "shards", n=32)
+    train_src, _ = split_sources(shards, 0.0)
+    whole = train(tiny_train_config(keep_every=0), train_src, None, tmp_path / "whole")
+    run = RunDir(tmp_path / "run")
+    train(tiny_train_config(keep_every=0, stop_at_step=6), train_src, None, run)
+    assert run.last_step() == 6 and torch.load(run.previous, weights_only=False)["step"] == 4
+    if damage == "truncated":
+        _truncate(run.last)
+    else:
+        run.last.write_bytes(b"\x00garbage" * 1000)
+    assert run.last_step() == 4
+    with caplog.at_level("WARNING", logger="aim_kedro.aim.checkpoint"):
+        resumed = train(tiny_train_config(keep_every=0), train_src, None, run)
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert str(run.last) in warnings and f"resuming from {run.previous} (step 4)" in warnings
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in whole.history]
+    for name, tensor in whole.state_dict.items():
+        assert torch.equal(resumed.state_dict[name], tensor), name
+
+
+def test_no_readable_resume_checkpoint_is_an_error_not_a_fresh_start(tmp_path, tiny_shards,
+                                                                    tiny_train_config):
+    shards = tiny_shards(tmp_path / "shards", n=32)
+    train_src, _ = split_sources(shards, 0.0)
+    run = RunDir(tmp_path / "run")
+    train(tiny_train_config(keep_every=0, stop_at_step=6), train_src, None, run)
+    _truncate(run.last)
+    _truncate(run.previous)
+    with pytest.raises(ValueError, match=r"no readable resume checkpoint.*last\.pt.*previous\.pt"
+                                         r".*train\.resume: false"):
+        train(tiny_train_config(keep_every=0), train_src, None, run)
+    assert run.last.exists() and run.previous.exists()

@@ -1,7 +1,9 @@
 """The pre-training run directory: resume state, kept steps and the result, all written atomically.
 
 ``last.pt`` holds model, optimizer, step, every rank's RNG states and data position, and the
-history (nanoGPT's checkpoint = model + optimizer + step + RNG); ``intermediate/step_XXXXXXXX.
+history (nanoGPT's checkpoint = model + optimizer + step + RNG); the one before it stays as
+``previous.pt``, so a truncated or corrupt ``last.pt`` falls back to it with a warning naming the
+file (never a crash, never a silent fresh start); ``intermediate/step_XXXXXXXX.
 safetensors`` the weights kept every ``keep_every`` steps (loss vs accuracy reads them);
 ``result.json`` what a finished run produced, so a torchrun launcher can read it back.
 """
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import random
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from safetensors.torch import load_file, save_file
 logger = logging.getLogger(__name__)
 
 LAST = "last.pt"
+PREVIOUS = "previous.pt"
 RESULT = "result.json"
 INTERMEDIATE = "intermediate"
 RESUME_KNOBS = ("batch_size", "grad_accum_steps", "seed", "total_steps", "lr", "base_lr")
@@ -57,6 +61,11 @@ class RunDir:
         return self.path / LAST
 
     @property
+    def previous(self) -> Path:
+        """The resume checkpoint before ``last`` (the fallback when ``last`` is unreadable)."""
+        return self.path / PREVIOUS
+
+    @property
     def result(self) -> Path:
         """The finished run's summary."""
         return self.path / RESULT
@@ -73,10 +82,14 @@ class RunDir:
         }
 
     def last_step(self) -> int | None:
-        """The step of ``last.pt`` (read memory-mapped), or None when there is none."""
-        if not self.last.exists():
-            return None
-        return int(torch.load(self.last, map_location="cpu", weights_only=False, mmap=True)["step"])
+        """The step a resume would start from (``last.pt``, else ``previous.pt``, read
+        memory-mapped), or None when neither is readable."""
+        for path in (self.last, self.previous):
+            try:
+                return int(_read(path, mmap=True)["step"])
+            except Exception:  # noqa: BLE001 - missing or unreadable: try the next one
+                continue
+        return None
 
     def prepare(self) -> None:
         """Create the folder (and the kept-steps folder)."""
@@ -84,7 +97,7 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove a previous run's resume state and kept steps (a run not resuming starts clean)."""
-        for path in [self.last, self.result, *map(Path, self.kept_steps().values())]:
+        for path in [self.last, self.previous, self.result, *map(Path, self.kept_steps().values())]:
             path.unlink(missing_ok=True)
 
     def summary(self) -> dict[str, Any]:
@@ -99,13 +112,6 @@ class RunDir:
 def as_run_dir(run_dir: str | Path | RunDir) -> RunDir:
     """A ``RunDir`` for a path (or the handle itself)."""
     return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def atomic_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -137,21 +143,65 @@ def set_rng_state(state: dict[str, Any], prefix_gen: torch.Generator) -> None:
     prefix_gen.set_state(state["prefix"])
 
 
+def _read(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """A resume checkpoint; raises when it is missing, truncated or corrupt."""
+    if not zipfile.is_zipfile(path):  # torch.save's zip: a truncated file has no central directory
+        raise ValueError("not a complete torch checkpoint (truncated?)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    int(ckpt["step"])
+    return ckpt
+
+
+def read_resume(run: RunDir) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable resume checkpoint and its path: ``last.pt``, else ``previous.pt``
+    with a warning naming the unreadable file; None when there is neither.
+
+    Raises ValueError when resume files exist but none can be read: a fresh start would throw
+    the run away, so that is the user's call (``train.resume: false``).
+    """
+    unreadable = []
+    for path in (run.last, run.previous):
+        if not path.exists():
+            continue
+        try:
+            ckpt = _read(path)
+        except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, missing keys
+            unreadable.append(f"{path} ({type(exc).__name__}: {exc})")
+            logger.warning("resume checkpoint %s is unreadable (%s: %s)", path, type(exc).__name__,
+                           exc)
+            continue
+        if unreadable:
+            logger.warning("resuming from %s (step %d) instead: %s is truncated or corrupt",
+                           path, int(ckpt["step"]), unreadable[0].split(" (")[0])
+        return ckpt, path
+    if unreadable:
+        raise ValueError(
+            f"no readable resume checkpoint in {run.path}: {'; '.join(unreadable)}. Set "
+            "pretraining.train.resume: false to start over, or point the pretraining_run entry "
+            "at a fresh folder"
+        )
+    return None
+
+
 def load_resume(
     run: RunDir, total_steps: int, model_config: dict[str, Any], train_config: dict[str, Any]
 ) -> dict[str, Any] | None:
-    """The resume checkpoint, after checking it belongs to the same model; None when there is
-    none or it holds a finished run (which starts over). Changed batch/lr knobs are warned about."""
-    if not run.last.exists():
+    """The resume checkpoint (``last.pt``, or ``previous.pt`` when ``last.pt`` is unreadable),
+    after checking it belongs to the same model; None when there is none or it holds a finished
+    run (which starts over). Changed batch/lr knobs are warned about. ``resumed_from`` in the
+    result names the file."""
+    found = read_resume(run)
+    if found is None:
         return None
-    ckpt = torch.load(run.last, map_location="cpu", weights_only=False)
+    ckpt, path = found
+    ckpt["resumed_from"] = str(path)
     if int(ckpt["step"]) >= total_steps:
-        logger.info("%s holds a finished run (step %d): starting a new run", run.last, int(ckpt["step"]))
+        logger.info("%s holds a finished run (step %d): starting a new run", path, int(ckpt["step"]))
         return None
     saved = ckpt["model_config"]
     if saved != model_config:
         raise ValueError(
-            f"{run.last} was written for another model ({saved}); set resume: false to start over, "
+            f"{path} was written for another model ({saved}); set resume: false to start over, "
             "or point the pretraining_run entry at a fresh folder"
         )
     old = ckpt["train_config"]
@@ -163,8 +213,17 @@ def load_resume(
 
 
 def save_last(run: RunDir, **state: Any) -> None:
-    """Write the resume checkpoint (model, optimizer, step, history, ranks, configs)."""
-    atomic_torch_save(state, run.last)
+    """Write the resume checkpoint (model, optimizer, step, history, ranks, configs); the one it
+    replaces becomes ``previous.pt`` (unless it was truncated: then ``previous.pt`` stays)."""
+    tmp = run.last.with_name(LAST + ".tmp")
+    torch.save(state, tmp)
+    if run.last.exists():
+        if zipfile.is_zipfile(run.last):
+            os.replace(run.last, run.previous)
+        else:
+            logger.warning("%s was truncated: replacing it, %s stays the fallback", run.last,
+                           run.previous)
+    os.replace(tmp, run.last)
 
 
 def run_result(
@@ -200,9 +259,13 @@ def load_result(run_dir: str | Path | RunDir) -> TrainResult:
     """Read the TrainResult a (torchrun) run left in ``run_dir``: result.json + last.pt weights."""
     run = as_run_dir(run_dir)
     payload = json.loads(run.result.read_text())
-    ckpt = torch.load(run.last, map_location="cpu", weights_only=False)
-    return TrainResult(payload["history"], ckpt["model"], payload["config"], payload["metadata"],
-                       run.kept_steps())
+    found = read_resume(run)
+    steps = payload["metadata"].get("steps")
+    if found is None or int(found[0]["step"]) != steps:
+        raise ValueError(f"{run.path} holds no readable checkpoint of the finished run's step "
+                         f"{steps} (result.json); its training has to run again")
+    return TrainResult(payload["history"], found[0]["model"], payload["config"],
+                       payload["metadata"], run.kept_steps())
 
 
 def load_step(run_dir: str | Path | RunDir, step: int) -> dict[str, torch.Tensor]:

@@ -221,7 +221,7 @@ def _train(cfg: TrainConfig, train_source: ShardSource, val_source: ShardSource 
             logger.warning("checkpoint has %d ranks, run has %d: data order restarts", len(ranks),
                            dist.world_size)
         if dist.main:
-            logger.info("resumed %s at step %d", run.last, step)
+            logger.info("resumed %s at step %d", ckpt["resumed_from"], step)
     loader = ResumableLoader(
         train_source, model_cfg.img_size, micro, seed=cfg.seed, num_workers=cfg.num_workers,
         shuffle_buffer=cfg.shuffle_buffer, rank=dist.rank, world_size=dist.world_size,

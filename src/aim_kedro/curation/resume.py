@@ -90,9 +90,14 @@ class ShardResultCache:
         np.savez(buffer, **{name: _storable(value) for name, value in arrays.items()})
         self._fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = posixpath.join(posixpath.dirname(path), f".tmp-{os.getpid()}-{uuid.uuid4().hex}.npz")
-        with self._fs.open(tmp, "wb") as handle:
-            handle.write(buffer.getvalue())
-        self._fs.mv(tmp, path)
+        try:
+            with self._fs.open(tmp, "wb") as handle:
+                handle.write(buffer.getvalue())
+            self._fs.mv(tmp, path)
+        except BaseException:
+            if self._fs.exists(tmp):  # a full disk leaves no partial entry behind
+                self._fs.rm(tmp)
+            raise
 
     def keys(self, prefix: str = "") -> list[str]:
         """Finished entries under ``prefix`` (relative keys, sorted)."""

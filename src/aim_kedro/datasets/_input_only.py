@@ -11,6 +11,9 @@ class InputOnlyDataset(AbstractDataset[Any, Any]):
     """Base of datasets whose ``save`` is an error saying what the entry is (``SAVE_REFUSAL``)."""
 
     SAVE_REFUSAL = "an input of the run"
+    # True for a work folder that the node taking it as an input writes (a cache, a run
+    # directory): a run locks it like an output, so two runs never write it at once.
+    written_by_run = False
 
     def _where(self) -> str:
         return str(self._describe().get("filepath", type(self).__name__))

@@ -25,6 +25,7 @@ class PretrainingRunDataset(InputOnlyDataset):
     """
 
     SAVE_REFUSAL = "a run directory: the training node that takes it as an input writes it"
+    written_by_run = True
 
     def __init__(self, *, filepath: str, metadata: dict[str, Any] | None = None) -> None:
         if "://" in str(filepath) and not str(filepath).startswith("file://"):

@@ -23,6 +23,7 @@ class ShardResultCacheDataset(InputOnlyDataset):
     """
 
     SAVE_REFUSAL = "a work cache: the node that takes it as an input writes it"
+    written_by_run = True
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from aim_kedro.common.config import check_keys
 from aim_kedro.io.shards import Sample, ShardSet, sample_json
 from aim_kedro.pipelines.sample.faults import near_duplicate, wrong_caption
 from aim_kedro.pipelines.sample.sources import (
@@ -50,10 +51,15 @@ COUNT_KEYS = (
     "corrupt",
     "eval_leak",
 )
+TOP_KEYS = ("seed", "image_size", "probe_test_fraction", "counts", "trusted")
+TRUSTED_KEYS = ("digit_renders", "photos", "faces")
 
 
 def validate_sample_params(params: dict[str, Any]) -> dict[str, Any]:
     """Check the sample parameters before any image is made; return them unchanged."""
+    check_keys(params, TOP_KEYS, "sample")
+    check_keys(params.get("counts") or {}, COUNT_KEYS, "sample.counts")
+    check_keys(params.get("trusted") or {}, TRUSTED_KEYS, "sample.trusted")
     size = params.get("image_size")
     if not isinstance(size, int) or not 64 <= size <= 128:
         raise ValueError(f"sample.image_size must be an int in [64, 128] (faces must stay detectable), got {size!r}")
