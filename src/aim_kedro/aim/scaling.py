@@ -1,12 +1,14 @@
 """The scaling grid (the paper's first finding): capacities x data sizes x seeds.
 
-Every point pre-trains the ``pretraining`` block with this block's overrides, the point's
-capacity and seed, and the same number of steps at every data size (equal steps: a smaller data
-size is seen for more epochs, as in the paper's data comparison); its trunk is probed with the
-``evaluation`` block and this block's overrides. Each data size is a nested subset of the
+``params:scaling`` holds named grids (``grids``: ``sample`` on the embedded sample, ``paper``
+with the paper's presets) and the one that runs (``grid``). Every point pre-trains the
+``pretraining`` block with its grid's overrides, the point's capacity and seed, and the same
+number of steps at every data size (equal steps: a smaller data size is seen for more epochs,
+as in the paper, whose models all train for the same number of updates); its trunk is probed
+with the ``evaluation`` block and the grid's overrides. A data size is a nested subset of the
 training images of ``dfn_subset`` (the first N by a hash of the uid) beside its whole held-out
-split, so every point is validated on the same images. The fits and Spearman's rho over the
-results are in :mod:`aim_kedro.aim.studies`.
+split, so every point is validated on the same images; 1.0 is ``dfn_subset`` itself. The fits
+and Spearman's rho over the results are in :mod:`aim_kedro.aim.studies`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from aim_kedro.aim.configs import EvaluationConfig, PretrainingConfig
 from aim_kedro.aim.data import val_bucket
 from aim_kedro.aim.model import AIM
 from aim_kedro.aim.presets import AIMConfig, get_config
-from aim_kedro.common.config import from_mapping
+from aim_kedro.common.config import check_keys, from_mapping
 from aim_kedro.io.shards import Sample, sample_json
 from aim_kedro.io.uids import declared_uid, sample_uid
 
@@ -37,11 +39,12 @@ logger = logging.getLogger(__name__)
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 RESERVED = ("data",)
 BUDGET = "equal_steps"
+DEFAULT_GRID = "sample"
 
 
 @dataclass
 class Capacity:
-    """``scaling.capacities.<name>``: a preset and its ``model_overrides`` (AIMConfig fields)."""
+    """``capacities.<name>`` of a grid: a preset and its ``model_overrides`` (AIMConfig fields)."""
 
     preset: str = "aim_sample"
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -78,10 +81,12 @@ class GridPoint:
 
 @dataclass
 class ScalingConfig:
-    """``scaling``: the grid, the equal step budget and the overrides every point shares.
+    """One grid of ``scaling.grids``: capacities x data sizes x seeds, the equal step budget
+    and the overrides every point shares.
 
-    Defaults equal conf/base/parameters_scaling.yml. A data size is a fraction in (0, 1] of the
-    training images of ``dfn_subset`` (a float) or a count of them (an int >= 2).
+    Defaults equal the ``sample`` grid of conf/base/parameters_scaling.yml. A data size is a
+    fraction in (0, 1] of the training images of ``dfn_subset`` (a float) or a count of them
+    (an int >= 2); 1.0 is ``dfn_subset`` itself.
     """
 
     capacities: dict[str, Capacity] = field(
@@ -99,16 +104,31 @@ class ScalingConfig:
         "probes": {"lrs": {"attentive": [3.0e-3, 1.0e-2], "linear": [3.0e-3]}, "epochs": 10,
                    "min_steps": 100},
     })
+    where: str = field(default="scaling.grids.sample", init=False, compare=False, repr=False)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> ScalingConfig:
-        """Build and check ``params:scaling`` (ValueError naming the parameter and the fix)."""
-        cfg = from_mapping(cls, params, "scaling")
+        """The grid ``params:scaling`` selects (``grid``, one of ``grids``), checked; ValueError
+        naming the parameter and the fix. Empty parameters give the defaults."""
+        params = dict(params or {})
+        check_keys(params, ("grid", "grids"), "scaling")
+        name, grids = params.get("grid", DEFAULT_GRID), params.get("grids") or {}
+        if not isinstance(grids, Mapping) or (name not in grids and grids):
+            raise ValueError(f"scaling.grid is {name!r} but scaling.grids holds "
+                             f"{sorted(grids) if isinstance(grids, Mapping) else grids!r}: name "
+                             "one of them")
+        return cls.from_grid(grids.get(name, {}), f"scaling.grids.{name}")
+
+    @classmethod
+    def from_grid(cls, grid: Mapping[str, Any] | None, where: str) -> ScalingConfig:
+        """Build and check one grid block at the parameter path ``where``."""
+        cfg = from_mapping(cls, grid, where)
+        cfg.where = where
         if not isinstance(cfg.capacities, Mapping) or not cfg.capacities:
-            raise ValueError("scaling.capacities must map names to {preset, model_overrides}")
+            raise ValueError(f"{where}.capacities must map names to {{preset, model_overrides}}")
         cfg.capacities = {
             str(name): value if isinstance(value, Capacity)
-            else from_mapping(Capacity, value, f"scaling.capacities.{name}")
+            else from_mapping(Capacity, value, f"{where}.capacities.{name}")
             for name, value in cfg.capacities.items()
         }
         cfg.validate()
@@ -116,47 +136,52 @@ class ScalingConfig:
 
     def validate(self) -> None:
         """Check names, sizes, seeds, the step budget and every capacity's architecture."""
+        where = self.where
         if not isinstance(self.data_sizes, Mapping) or not self.data_sizes:
-            raise ValueError("scaling.data_sizes must map names to a fraction or a count of "
+            raise ValueError(f"{where}.data_sizes must map names to a fraction or a count of "
                              "dfn_subset's training images, e.g. {d25: 0.25, d100: 1.0}")
-        for where, names in (("capacities", self.capacities), ("data_sizes", self.data_sizes)):
+        for block, names in (("capacities", self.capacities), ("data_sizes", self.data_sizes)):
             for name in names:
                 if not NAME.match(str(name)) or name in RESERVED:
                     raise ValueError(
-                        f"scaling.{where}.{name}: a name is a letter then letters, digits or _ "
+                        f"{where}.{block}.{name}: a name is a letter then letters, digits or _ "
                         f"(it names a pipeline namespace), and not one of {list(RESERVED)}")
         for name, capacity in self.capacities.items():
             try:
                 capacity.model_config()
             except (ValueError, TypeError) as exc:
-                raise ValueError(f"scaling.capacities.{name}: {exc}") from exc
+                raise ValueError(f"{where}.capacities.{name}: {exc}") from exc
         for name, size in self.data_sizes.items():
-            data_size_count(size, None, f"scaling.data_sizes.{name}")
+            data_size_count(size, None, f"{where}.data_sizes.{name}")
         seeds = list(self.seeds or [])
         if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-            raise ValueError(f"scaling.seeds is {self.seeds!r}: give a list of integers >= 0")
+            raise ValueError(f"{where}.seeds is {self.seeds!r}: give a list of integers >= 0")
         if len(set(seeds)) != len(seeds):
-            raise ValueError(f"scaling.seeds {seeds} repeats a seed")
+            raise ValueError(f"{where}.seeds {seeds} repeats a seed")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"scaling.steps is {self.steps!r}: give the steps of every point")
+            raise ValueError(f"{where}.steps is {self.steps!r}: give the steps of every point")
         for block in ("pretraining", "evaluation"):
             if not isinstance(getattr(self, block), Mapping):
-                raise ValueError(f"scaling.{block} must be a mapping of {block} overrides")
+                raise ValueError(f"{where}.{block} must be a mapping of {block} overrides")
         for key in ("preset", "model_overrides", "seed", "total_steps"):
             if key in (self.pretraining.get("train") or {}):
-                raise ValueError(
-                    f"scaling.pretraining.train.{key} is set by the grid (capacities, seeds, "
-                    "steps): remove it")
+                raise ValueError(f"{where}.pretraining.train.{key} is set by the grid "
+                                 "(capacities, seeds, steps): remove it")
 
     def points(self) -> list[GridPoint]:
         """Every point, capacity by capacity, then data size, then seed."""
         return [GridPoint(c, d, int(s)) for c in self.capacities for d in self.data_sizes
                 for s in self.seeds]
 
+    def whole(self, data: str) -> bool:
+        """Whether data size ``data`` is all of ``dfn_subset`` (its points read it, no copy)."""
+        size = self.data_sizes[data]
+        return isinstance(size, float) and size == 1.0
+
     def point_pretraining(
         self, point: GridPoint, pretraining: Mapping[str, Any]
     ) -> PretrainingConfig:
-        """``pretraining`` with this block's overrides and the point's model, seed and steps."""
+        """``pretraining`` with this grid's overrides and the point's model, seed and steps."""
         capacity = self.capacities[point.capacity]
         params = merged(pretraining, self.pretraining)
         params["train"] = {**params.get("train", {}), "preset": capacity.preset,
@@ -165,15 +190,15 @@ class ScalingConfig:
         try:
             return PretrainingConfig.from_params(params)
         except ValueError as exc:
-            raise ValueError(f"scaling point {point.label} (scaling.pretraining over the "
+            raise ValueError(f"scaling point {point.label} ({self.where}.pretraining over the "
                              f"pretraining block): {exc}") from exc
 
     def probe_evaluation(self, evaluation: Mapping[str, Any]) -> EvaluationConfig:
-        """``evaluation`` with this block's overrides: how every point's trunk is probed."""
+        """``evaluation`` with this grid's overrides: how every point's trunk is probed."""
         try:
             return EvaluationConfig.from_params(merged(evaluation, self.evaluation))
         except ValueError as exc:
-            raise ValueError(f"scaling.evaluation (over the evaluation block): {exc}") from exc
+            raise ValueError(f"{self.where}.evaluation (over the evaluation block): {exc}") from exc
 
 
 def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,6 @@ the grid read from the project's conf, and a 2x2 grid of tiny models end to end.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -24,7 +23,7 @@ from aim_kedro.io.uids import sample_uid
 from aim_kedro.pipelines.evaluation.nodes import extract_probe_features, train_probes
 from aim_kedro.pipelines.pretraining.nodes import pretrain_aim
 from aim_kedro.pipelines.scaling import create_pipeline
-from aim_kedro.pipelines.scaling.nodes import validate_scaling_params
+from aim_kedro.pipelines.scaling.nodes import built_shape, validate_scaling_params
 from aim_kedro.pipelines.scaling.pipeline import project_grid
 
 PROJECT = Path(__file__).resolve().parents[3]
@@ -35,6 +34,7 @@ def _block(name: str) -> dict:
 
 
 SCALING, PRETRAINING, EVALUATION = _block("scaling"), _block("pretraining"), _block("evaluation")
+SAMPLE = SCALING["grids"]["sample"]
 FAST_EVALUATION = {
     "device": "cpu",
     "features": {"batch_size": 64},
@@ -46,9 +46,14 @@ TINY_TRAIN = {"batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "val_every": 4, "v
               "progress": False}
 
 
+def with_grid(grid: dict, name: str = "sample") -> dict:
+    """``params:scaling`` that runs ``grid``."""
+    return {"grid": name, "grids": {**SCALING["grids"], name: grid}}
+
+
 def tiny_grid() -> dict:
-    """2 capacities x 2 data sizes x 1 seed of aim_tiny models, 8 steps each."""
-    return {
+    """``params:scaling`` of 2 capacities x 2 data sizes x 1 seed of aim_tiny models, 8 steps."""
+    return with_grid({
         "capacities": {"t16": {"preset": "aim_tiny", "model_overrides": {"embed_dim": 16}},
                        "t32": {"preset": "aim_tiny"}},
         "data_sizes": {"half": 0.5, "all": 1.0},
@@ -56,17 +61,15 @@ def tiny_grid() -> dict:
         "steps": 8,
         "pretraining": {"val_percent": 25.0, "train": TINY_TRAIN},
         "evaluation": FAST_EVALUATION,
-    }
+    }, "tiny")
 
 
-def _names(grid: ScalingConfig) -> dict:
-    return {"points": [f"{p.capacity}.{p.run}" for p in grid.points()],
-            "data_sizes": list(grid.data_sizes)}
 
 
 def test_shipped_parameters_are_the_defaults_and_span_the_grid_the_issue_asks_for():
     grid = ScalingConfig.from_params(SCALING)
-    assert grid == ScalingConfig.from_params(None) == ScalingConfig.from_params({})
+    assert SCALING["grid"] == "sample" and grid.where == "scaling.grids.sample"
+    assert grid == ScalingConfig() == ScalingConfig.from_params(None)
     params = sorted(model_size(c.model_config())["trunk_params"] for c in grid.capacities.values())
     assert len(params) >= 4 and params[-1] >= 8 * params[0]
     assert len(grid.data_sizes) >= 3 and len(grid.seeds) >= 2
@@ -78,63 +81,80 @@ def test_shipped_parameters_are_the_defaults_and_span_the_grid_the_issue_asks_fo
 
 def test_the_parameter_check_hands_each_point_its_settings():
     grid = ScalingConfig.from_params(SCALING)
-    out = validate_scaling_params(SCALING, PRETRAINING, EVALUATION, **_names(grid))
+    out = validate_scaling_params(SCALING, PRETRAINING, EVALUATION, shape=built_shape(grid))
     for point in grid.points():
         settings = out[f"point.{point.capacity}.{point.run}"]
         capacity = grid.capacities[point.capacity]
         assert settings.train.preset == capacity.preset
         assert settings.train.model_overrides == capacity.model_overrides
         assert settings.train.seed == point.seed and settings.train.total_steps == grid.steps
-        assert settings.val_percent == SCALING["pretraining"]["val_percent"]
+        assert settings.val_percent == SAMPLE["pretraining"]["val_percent"]
         assert settings.train.batch_size == PRETRAINING["train"]["batch_size"]  # inherited
-    assert out["data.d25"] == {"name": "d25", "size": 0.25, "val_percent": 10.0}
+    assert out["data.d25"] == {"name": "d25", "size": 0.25, "val_percent": 10.0,
+                               "where": "scaling.grids.sample.data_sizes.d25"}
     assert isinstance(out["eval.features"], FeaturesConfig)
     probes = out["eval.probes"]
-    assert isinstance(probes, ProbesConfig) and probes.epochs == SCALING["evaluation"]["probes"]["epochs"]
+    assert isinstance(probes, ProbesConfig) and probes.epochs == SAMPLE["evaluation"]["probes"]["epochs"]
     assert probes.low_shot.shots == EVALUATION["probes"]["low_shot"]["shots"]  # inherited
     assert out["eval.device"] in ("cpu", "cuda")
 
 
-def test_parameters_naming_another_grid_than_the_built_one_fail():
-    grid = ScalingConfig.from_params(SCALING)
-    other = copy.deepcopy(SCALING)
-    other["seeds"] = [0, 1, 2]
-    with pytest.raises(ValueError, match="parameters_scaling.yml"):
-        validate_scaling_params(other, PRETRAINING, EVALUATION, **_names(grid))
+@pytest.mark.parametrize("change", [{"seeds": [0, 1, 2]}, {"data_sizes": {"d06": 0.0625,
+                                                                         "d25": 0.25,
+                                                                         "d100": 0.9}}])
+def test_parameters_of_another_shape_than_the_built_grid_fail(change):
+    shape = built_shape(ScalingConfig.from_params(SCALING))
+    with pytest.raises(ValueError, match="parameters_scaling.yml when the project loads"):
+        validate_scaling_params(with_grid({**SAMPLE, **change}), PRETRAINING, EVALUATION,
+                                shape=shape)
 
 
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        ({"step": 10}, r"unknown scaling parameter.*'step' -> 'steps'"),
-        ({"data_sizes": {"d1": 1}}, r"scaling\.data_sizes\.d1 is 1"),
-        ({"data_sizes": {"d1": 1.5}}, r"scaling\.data_sizes\.d1 is 1\.5"),
-        ({"data_sizes": {"d1": "all"}}, r"scaling\.data_sizes\.d1 is 'all'"),
-        ({"data_sizes": {}}, r"scaling\.data_sizes must map"),
-        ({"capacities": {"big": {"preset": "aim_9B"}}}, r"scaling\.capacities\.big.*aim_9B"),
+        ({"step": 10}, r"unknown S parameter.*'step' -> 'steps'"),
+        ({"data_sizes": {"d1": 1}}, r"S\.data_sizes\.d1 is 1"),
+        ({"data_sizes": {"d1": 1.5}}, r"S\.data_sizes\.d1 is 1\.5"),
+        ({"data_sizes": {"d1": "all"}}, r"S\.data_sizes\.d1 is 'all'"),
+        ({"data_sizes": {}}, r"S\.data_sizes must map"),
+        ({"capacities": {"big": {"preset": "aim_9B"}}}, r"S\.capacities\.big.*aim_9B"),
         ({"capacities": {"big": {"preset": "aim_tiny", "model_overrides": {"width": 8}}}},
-         r"scaling\.capacities\.big.*width"),
-        ({"capacities": {"big": {"presets": "aim_tiny"}}}, r"scaling\.capacities\.big parameter"),
-        ({"capacities": {"w.32": {"preset": "aim_tiny"}}}, r"scaling\.capacities\.w\.32: a name"),
-        ({"capacities": {"data": {"preset": "aim_tiny"}}}, r"scaling\.capacities\.data: a name"),
-        ({"seeds": [0, 0]}, r"scaling\.seeds \[0, 0\] repeats"),
-        ({"seeds": []}, r"scaling\.seeds"),
-        ({"steps": 0}, r"scaling\.steps is 0"),
-        ({"pretraining": {"train": {"seed": 3}}}, r"scaling\.pretraining\.train\.seed is set by"),
+         r"S\.capacities\.big.*width"),
+        ({"capacities": {"big": {"presets": "aim_tiny"}}}, r"S\.capacities\.big parameter"),
+        ({"capacities": {"w.32": {"preset": "aim_tiny"}}}, r"S\.capacities\.w\.32: a name"),
+        ({"capacities": {"data": {"preset": "aim_tiny"}}}, r"S\.capacities\.data: a name"),
+        ({"seeds": [0, 0]}, r"S\.seeds \[0, 0\] repeats"),
+        ({"seeds": []}, r"S\.seeds"),
+        ({"steps": 0}, r"S\.steps is 0"),
+        ({"pretraining": {"train": {"seed": 3}}}, r"S\.pretraining\.train\.seed is set by"),
     ],
 )
 def test_bad_scaling_parameters_are_named(change, named):
-    with pytest.raises(ValueError, match=named):
-        ScalingConfig.from_params({**SCALING, **change})
+    with pytest.raises(ValueError, match=named.replace("S", r"scaling\.grids\.sample")):
+        ScalingConfig.from_params(with_grid({**SAMPLE, **change}))
+
+
+def test_the_grid_must_be_one_of_the_grids_and_the_paper_grid_is_valid():
+    with pytest.raises(ValueError, match=r"scaling\.grid is 'papers' but scaling\.grids holds "
+                                         r"\['paper', 'sample'\]"):
+        ScalingConfig.from_params({**SCALING, "grid": "papers"})
+    with pytest.raises(ValueError, match=r"unknown scaling parameter.*'grid_name'"):
+        ScalingConfig.from_params({**SCALING, "grid_name": "paper"})
+    paper = ScalingConfig.from_params({**SCALING, "grid": "paper"})
+    params = sorted(model_size(c.model_config())["trunk_params"] for c in paper.capacities.values())
+    assert params[0] > 6e8 and params[-1] > 6e9
+    assert [paper.whole(d) for d in paper.data_sizes] == [False, False, True]
+    assert paper.pretraining["num_gpus"] > 1  # each point under torchrun
 
 
 def test_a_point_that_cannot_train_names_the_point_and_the_block():
-    grid = ScalingConfig.from_params({**SCALING, "steps": 10})
-    with pytest.raises(ValueError, match=r"scaling point w32/d06/s0 .*warmup_steps \(20\)"):
+    grid = ScalingConfig.from_params(with_grid({**SAMPLE, "steps": 10}))
+    with pytest.raises(ValueError, match=r"scaling point w32/d06/s0 \(scaling\.grids\.sample\."
+                                         r"pretraining over .*warmup_steps \(20\)"):
         grid.point_pretraining(grid.points()[0], PRETRAINING)
-    with pytest.raises(ValueError, match=r"scaling\.evaluation .*evaluation\.probes parameter.*epoch"):
-        ScalingConfig.from_params({**SCALING, "evaluation": {"probes": {"epoch": 3}}}
-                                  ).probe_evaluation(EVALUATION)
+    bad = with_grid({**SAMPLE, "evaluation": {"probes": {"epoch": 3}}})
+    with pytest.raises(ValueError, match=r"grids\.sample\.evaluation .*evaluation\.probes param"):
+        ScalingConfig.from_params(bad).probe_evaluation(EVALUATION)
 
 
 def test_each_point_is_a_namespace_of_the_pretraining_and_evaluation_nodes():
@@ -151,14 +171,16 @@ def test_each_point_is_a_namespace_of_the_pretraining_and_evaluation_nodes():
         ns = f"scaling.{point.capacity}.{point.run}"
         train = by_name[f"{ns}.pretrain_aim"]
         assert train.func is pretrain_aim and train.namespace == ns
-        assert train.inputs == [f"scaling.data.{point.data}.subset", "secondary_pool",
-                                f"{ns}.pretraining_run", f"{ns}.pretraining_settings"]
+        shards = "dfn_subset" if point.data == "all" else f"scaling.data.{point.data}.subset"
+        assert train.inputs == [shards, "secondary_pool", f"{ns}.pretraining_run",
+                                f"{ns}.pretraining_settings"]
         assert by_name[f"{ns}.extract_probe_features"].func is extract_probe_features
         assert by_name[f"{ns}.train_probes"].outputs == [f"{ns}.probe_metrics"]
         assert by_name[f"{ns}.train_probes"].func is train_probes
-    for data in grid.data_sizes:
-        assert by_name[f"scaling.data.{data}.take_data_size"].outputs == [
-            f"scaling.data.{data}.subset", f"scaling.data.{data}.data_size"]
+    assert by_name["scaling.data.half.take_data_size"].outputs == [
+        "scaling.data.half.subset", "scaling.data.half.data_size"]
+    assert by_name["scaling.data.all.count_data_size"].outputs == ["scaling.data.all.data_size"]
+    assert "scaling.data.all.subset" not in pipe.datasets(), "all of dfn_subset is not copied"
     assert all("scaling" in n.tags and n.namespace.startswith("scaling") for n in pipe.nodes)
     roots = [n.name for n in pipe.nodes if set(n.inputs) <= pipe.inputs()]
     assert roots == ["scaling.validate_scaling_params"], "nothing runs before the grid's check"
@@ -197,16 +219,23 @@ def test_the_grid_is_read_from_the_project_conf_and_a_bad_one_leaves_the_check(
     root = make_project_copy(tmp_path / "project")
     monkeypatch.chdir(root)
     local = root / "conf" / "local" / "parameters_scaling.yml"
-    local.write_text(yaml.safe_dump({"scaling": {"seeds": [7], "data_sizes": {"d50": 0.5}}}))
-    grid = project_grid()
-    assert grid.seeds == [7] and list(grid.data_sizes) == ["d50"]
-    assert list(grid.capacities) == list(SCALING["capacities"])  # base kept (soft merge)
-    assert len(create_pipeline().only_nodes_with_tags("scaling").nodes) == 1 + 1 + 1 + 4 * 5 + 5
-    local.write_text(yaml.safe_dump({"scaling": {"data_sizes": {"d50": 1.5}}}))
+    local.write_text(yaml.safe_dump({"scaling": {"grids": {"sample": {"seeds": [7]}}}}))
+    grid = project_grid()  # conf/local merges into base, as settings.py merges parameters
+    assert grid.seeds == [7] and list(grid.capacities) == list(SAMPLE["capacities"])
+    pipe = create_pipeline()
+    assert len([n for n in pipe.nodes if n.name.endswith(".pretrain_aim")]) == 4 * 3
+    local.write_text(yaml.safe_dump({"scaling": {"grid": "mine", "grids": {"mine": {
+        "capacities": {"a": {"preset": "aim_tiny"}}, "data_sizes": {"d50": 0.5}}}}}))
+    assert [p.label for p in project_grid().points()] == ["a/d50/s0", "a/d50/s1"]
+    monkeypatch.setenv("KEDRO_ENV", "other")  # an env replaces conf/local
+    (root / "conf" / "other").mkdir()
+    assert project_grid() == ScalingConfig()
+    monkeypatch.delenv("KEDRO_ENV")
+    local.write_text(yaml.safe_dump({"scaling": {"grids": {"sample": {"data_sizes": {"d50": 1.5}}}}}))
     with caplog.at_level(logging.WARNING):
         broken = create_pipeline()
     assert [n.name for n in broken.nodes] == ["scaling.validate_scaling_params"]
-    assert "scaling.data_sizes.d50 is 1.5" in caplog.text
+    assert "scaling.grids.sample.data_sizes.d50 is 1.5" in caplog.text
 
 
 def test_scaling_is_registered_outside_the_default_run(tmp_path, make_project_copy, monkeypatch):
@@ -254,15 +283,17 @@ def test_a_2x2_grid_of_tiny_models_runs_end_to_end(tmp_path):
         for probe in ("attentive_2shot_top1", "attentive_top1", "linear_top1",
                       "random_attentive_2shot_top1"):
             assert 0.0 <= row[probe] <= 1.0
-    # nested data sizes beside one held-out split
-    subsets = {d: {sample_uid(s) for s in catalog.load(f"scaling.data.{d}.subset")}
-               for d in ("half", "all")}
-    assert subsets["half"] < subsets["all"]
+    # nested data sizes beside one held-out split; all of dfn_subset is read, not copied
+    half_uids = {sample_uid(s) for s in catalog.load("scaling.data.half.subset")}
+    all_uids = {sample_uid(s) for s in catalog.load("dfn_subset")}
+    assert half_uids < all_uids and len(all_uids) == 64
     half, full = (catalog.load(f"scaling.data.{d}.data_size") for d in ("half", "all"))
     assert half["val_images"] == full["val_images"] > 0
     assert half["train_images"] == round(full["train_images"] / 2)
-    assert len(subsets["all"]) == full["train_images"] + full["val_images"] == 64
+    assert len(half_uids) == half["train_images"] + half["val_images"]
+    assert full["train_images"] + full["val_images"] == 64
     assert set(results.filter(pl.col("data") == "half")["train_images"]) == {half["train_images"]}
+    assert not (tmp_path / "data/05_model_input/scaling/all/subset").exists()
     # every point's artifacts are versioned files of its namespace
     for point in grid.points():
         folder = tmp_path / "data/06_models/scaling" / point.capacity / point.run / "aim_checkpoint"

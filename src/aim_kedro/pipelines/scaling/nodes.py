@@ -34,26 +34,37 @@ def point_key(capacity: str, run: str) -> str:
     return f"{capacity}.{run}"
 
 
+def built_shape(cfg: ScalingConfig) -> dict[str, tuple[str, ...]]:
+    """What the pipeline's namespaces depend on: the points, the data sizes, the whole ones."""
+    return {"points": tuple(point_key(p.capacity, p.run) for p in cfg.points()),
+            "data_sizes": tuple(cfg.data_sizes),
+            "whole": tuple(name for name in cfg.data_sizes if cfg.whole(name))}
+
+
 def validate_scaling_params(
     scaling: dict[str, Any], pretraining: dict[str, Any], evaluation: dict[str, Any], *,
-    points: Sequence[str], data_sizes: Sequence[str],
+    shape: Mapping[str, Sequence[str]],
 ) -> dict[str, Any]:
     """Check ``params:scaling`` over the pretraining and evaluation blocks before any work.
 
     Returns each point's ``PretrainingConfig`` (``point.<capacity>.<run>``), each data size's
     settings (``data.<name>``) and the evaluation blocks every point's probes use
-    (``eval.<block>``). ``points`` and ``data_sizes`` are the grid the pipeline was built with:
-    parameters that name another grid fail, since each point is a namespace of the pipeline.
+    (``eval.<block>``). ``shape`` is :func:`built_shape` of the grid the pipeline was built
+    with: parameters of another shape fail, since each point is a namespace of the pipeline.
     """
     cfg = ScalingConfig.from_params(scaling)
     grid = cfg.points()
     names = [point_key(p.capacity, p.run) for p in grid]
-    if sorted(names) != sorted(points) or sorted(cfg.data_sizes) != sorted(data_sizes):
+    runtime = built_shape(cfg)
+    if {k: sorted(v) for k, v in runtime.items()} != {k: sorted(v) for k, v in shape.items()}:
         raise ValueError(
-            f"params:scaling names the points {names} and data sizes {list(cfg.data_sizes)}, but "
-            f"the scaling pipeline was built with {list(points)} and {list(data_sizes)}: the "
-            "grid's names are read from conf/<env>/parameters_scaling.yml when the project "
-            "loads, so change them there (--params may change values only)"
+            f"params:scaling ({cfg.where}) gives the points {list(runtime['points'])}, data "
+            f"sizes {list(runtime['data_sizes'])} (all of dfn_subset: {list(runtime['whole'])}), "
+            f"but the scaling pipeline was built with {list(shape['points'])}, "
+            f"{list(shape['data_sizes'])} ({list(shape['whole'])}): the grid's shape is read "
+            "from conf/base and conf/local (or $KEDRO_ENV) parameters_scaling.yml when the "
+            "project loads, so change it there, or run with KEDRO_ENV=<env> instead of --env "
+            "(--params may change the other values)"
         )
     settings = {f"point.{name}": cfg.point_pretraining(p, pretraining)
                 for name, p in zip(names, grid, strict=True)}
@@ -64,7 +75,8 @@ def validate_scaling_params(
                 BUDGET)
     return {
         **settings,
-        **{f"data.{name}": {"name": name, "size": size, "val_percent": val_percent}
+        **{f"data.{name}": {"name": name, "size": size, "val_percent": val_percent,
+                            "where": f"{cfg.where}.data_sizes.{name}"}
            for name, size in cfg.data_sizes.items()},
         **{f"eval.{block}": getattr(blocks, block) for block in PROBE_BLOCKS},
     }
@@ -79,9 +91,14 @@ def take_data_size(
     if not shard_set.shards:
         raise ValueError(f"dfn_subset at {shard_set.path} holds no shards: run the curation pipeline")
     samples, summary = data_subset(shard_set, data_settings["size"],
-                                   float(data_settings["val_percent"]),
-                                   f"scaling.data_sizes.{data_settings['name']}")
+                                   float(data_settings["val_percent"]), data_settings["where"])
     return samples, {"name": data_settings["name"], **summary}
+
+
+def count_data_size(dfn_subset: ShardSet | str, data_settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What the data size that is all of ``dfn_subset`` holds (its points read ``dfn_subset``
+    itself: nothing is copied)."""
+    return take_data_size(dfn_subset, data_settings)[1]
 
 
 def collect_scaling_results(

@@ -1,13 +1,15 @@
 """The ``scaling`` pipeline: the pretraining and evaluation nodes in one namespace per grid point.
 
-``scaling.data.<data>`` takes each data size of ``dfn_subset``; ``scaling.<capacity>.<data>_s<seed>``
-pre-trains on it (``pretrain_aim``) and probes the trunk (``load_trunk``,
-``extract_probe_features``, ``extract_random_init_features``, ``train_probes``); the ``scaling``
-nodes check the grid first and gather, fit and plot last. Every point's artifacts are versioned
-catalog entries of its namespace (dataset factories in conf/base/catalog_scaling.yml).
+``scaling.data.<data>`` takes each data size of ``dfn_subset`` (a data size of 1.0 is
+``dfn_subset`` itself, only counted); ``scaling.<capacity>.<data>_s<seed>`` pre-trains on it
+(``pretrain_aim``) and probes the trunk (``load_trunk``, ``extract_probe_features``,
+``extract_random_init_features``, ``train_probes``); the ``scaling`` nodes check the grid first
+and gather, fit and plot last. Every point's artifacts are versioned catalog entries of its
+namespace (dataset factories in conf/base/catalog_scaling.yml).
 
-The grid's names are the ``scaling`` block of the project's parameters, read when the pipeline
-is built (conf/base, then conf/local or ``$KEDRO_ENV``): they decide the namespaces.
+The grid's shape (its names, and which data sizes are all of ``dfn_subset``) decides the
+namespaces, so it is read from the project's parameters when the pipeline is built: conf/base,
+then conf/local or ``$KEDRO_ENV``, merged as ``settings.py`` merges them.
 """
 
 from __future__ import annotations
@@ -17,17 +19,19 @@ import logging
 import os
 from pathlib import Path
 
-from kedro.framework.project import settings
 from kedro.pipeline import Pipeline, node
 from kedro.utils import find_kedro_project
 
+from aim_kedro import settings
 from aim_kedro.aim.scaling import GridPoint, ScalingConfig
 from aim_kedro.aim.scaling_plots import plot_loss_curves, plot_loss_vs_params, plot_probes_vs_params
 from aim_kedro.pipelines import evaluation, pretraining
 from aim_kedro.pipelines.evaluation.nodes import PROBE_BLOCKS
 from aim_kedro.pipelines.evaluation.pipeline import config_name
 from aim_kedro.pipelines.scaling.nodes import (
+    built_shape,
     collect_scaling_results,
+    count_data_size,
     point_key,
     summarise_scaling,
     take_data_size,
@@ -60,8 +64,8 @@ def project_grid() -> ScalingConfig | None:
     if root is None:
         return ScalingConfig()
     loader = settings.CONFIG_LOADER_CLASS(
-        conf_source=str(Path(root) / settings.CONF_SOURCE), env=os.environ.get("KEDRO_ENV"),
-        **settings.CONFIG_LOADER_ARGS,
+        conf_source=str(Path(root) / getattr(settings, "CONF_SOURCE", "conf")),
+        env=os.environ.get("KEDRO_ENV"), **settings.CONFIG_LOADER_ARGS,
     )
     try:
         return ScalingConfig.from_params(loader["parameters"].get(NAMESPACE))
@@ -79,12 +83,9 @@ def _validate_node(grid: ScalingConfig | None) -> Pipeline:
         **{f"data.{name}": f"{data_namespace(name)}.data_settings" for name in data_sizes},
         **{f"eval.{block}": f"{NAMESPACE}.{config_name(block)}" for block in PROBE_BLOCKS},
     }
+    shape = built_shape(grid) if grid else {"points": (), "data_sizes": (), "whole": ()}
     check = functools.update_wrapper(
-        functools.partial(validate_scaling_params,
-                          points=tuple(point_key(p.capacity, p.run) for p in points),
-                          data_sizes=tuple(data_sizes)),
-        validate_scaling_params,
-    )
+        functools.partial(validate_scaling_params, shape=shape), validate_scaling_params)
     return Pipeline([node(check, inputs={"scaling": "params:scaling",
                                          "pretraining": "params:pretraining",
                                          "evaluation": "params:evaluation"},
@@ -92,7 +93,20 @@ def _validate_node(grid: ScalingConfig | None) -> Pipeline:
                           namespace=NAMESPACE)])
 
 
-def _point_pipeline(point: GridPoint) -> Pipeline:
+def _data_pipeline(grid: ScalingConfig) -> Pipeline:
+    """Each data size below all of ``dfn_subset`` written as its own shards; each size counted."""
+    return Pipeline([
+        Pipeline([node(count_data_size, inputs=["dfn_subset", "data_settings"],
+                       outputs="data_size", name="count_data_size")
+                  if grid.whole(name) else
+                  node(take_data_size, inputs=["dfn_subset", "data_settings"],
+                       outputs=["subset", "data_size"], name="take_data_size")],
+                 namespace=data_namespace(name), inputs={"dfn_subset": "dfn_subset"})
+        for name in grid.data_sizes
+    ])
+
+
+def _point_pipeline(grid: ScalingConfig, point: GridPoint) -> Pipeline:
     """The pretraining and evaluation pipelines' nodes for one point, in its namespace."""
     train = pretraining.create_pipeline().only_nodes("pretrain_aim")
     probe = evaluation.create_pipeline().only_nodes(*PROBE_NODES)
@@ -100,7 +114,8 @@ def _point_pipeline(point: GridPoint) -> Pipeline:
               for block in ("device", "features", "random_init", "probes")}
     return Pipeline(
         train + probe, namespace=point_namespace(point),
-        inputs={"dfn_subset": f"{data_namespace(point.data)}.subset",
+        inputs={"dfn_subset": "dfn_subset" if grid.whole(point.data)
+                else f"{data_namespace(point.data)}.subset",
                 "secondary_pool": "secondary_pool", "eval_sets": f"{NAMESPACE}.eval_sets",
                 **shared},
     )
@@ -137,14 +152,9 @@ def create_pipeline(**kwargs) -> Pipeline:
     validate = _validate_node(grid)
     if grid is None:
         return Pipeline(validate, tags=[TAG])
-    data = Pipeline([
-        Pipeline([node(take_data_size, inputs=["dfn_subset", "data_settings"],
-                       outputs=["subset", "data_size"], name="take_data_size")],
-                 namespace=data_namespace(name), inputs={"dfn_subset": "dfn_subset"})
-        for name in grid.data_sizes
-    ])
+    data = _data_pipeline(grid)
     eval_sets = Pipeline(evaluation.create_pipeline().only_nodes("load_eval_sets"),
                          namespace=NAMESPACE,
                          inputs={"probe_train": "probe_train", "probe_test": "probe_test"})
-    points = Pipeline([_point_pipeline(point) for point in grid.points()])
+    points = Pipeline([_point_pipeline(grid, point) for point in grid.points()])
     return Pipeline(validate + data + eval_sets + points + _gather(grid), tags=[TAG])
