@@ -12,7 +12,8 @@ def register_pipelines() -> dict[str, Pipeline]:
     """Register each pipeline by its folder name; ``__default__`` runs them all, in data order.
 
     ``evaluation_ml_aim`` probes a published AIM v1 checkpoint (the ``ml_aim_checkpoint`` entry)
-    without needing a local pre-training run.
+    without needing a local pre-training run. ``scaling`` (a grid of pre-training runs) is
+    registered but left out of ``__default__``: ``kedro run --pipeline scaling`` runs it.
     """
     pipelines = find_pipelines(raise_errors=True)
     pipelines["evaluation_ml_aim"] = evaluation.create_pipeline(trunk_source="ml_aim")
