@@ -21,6 +21,7 @@ from aim_kedro.aim.scaling import (
     model_size,
     result_row,
     results_table,
+    subset_rank,
 )
 from aim_kedro.io.shards import ShardSet, sample_json, write_shards
 from aim_kedro.io.uids import sample_uid
@@ -68,9 +69,8 @@ def test_merged_merges_nested_blocks_without_touching_the_base():
     assert base == {"a": 1, "b": {"c": 2, "d": {"e": 3}}}
 
 
-def test_data_size_counts_fractions_and_counts():
-    assert data_size_count(0.25, 100, "x") == 25 and data_size_count(1.0, 7, "x") == 7
-    assert data_size_count(0.001, 100, "x") == 1 and data_size_count(40, 100, "x") == 40
+def test_data_size_counts_are_checked():
+    assert data_size_count(0.25, 100, "x") is None and data_size_count(40, 100, "x") == 40
     with pytest.raises(ValueError, match="x asks for 200 training images but dfn_subset holds 100"):
         data_size_count(200, 100, "x")
     for bad in (0.0, 1.5, 1, True, "half"):
@@ -79,21 +79,28 @@ def test_data_size_counts_fractions_and_counts():
 
 
 def test_data_subsets_are_nested_and_keep_one_held_out_split(tmp_path):
-    write_shards(_samples(200), str(tmp_path / "pool"), samples_per_shard=64)
+    write_shards(_samples(400), str(tmp_path / "pool"), samples_per_shard=64)
     pool = ShardSet.open(str(tmp_path / "pool"))
     val = {sample_uid(s) for s in pool if val_bucket(sample_uid(s)) < 20.0}
+    available = 400 - len(val)
     kept = {}
-    for size in (0.1, 0.5, 1.0):
+    for size in (0.1, 50, 0.5, 1.0):
         stream, info = data_subset(pool, size, 20.0, f"d{size}")
         kept[size] = [sample_uid(s) for s in stream]
         assert len(kept[size]) == len(set(kept[size])) == info["train_images"] + len(val)
         assert info["val_images"] == len(val) and val <= set(kept[size])
-        assert info["available_train_images"] == 200 - len(val)
-        assert info["train_images"] == round(size * (200 - len(val)))
-    assert set(kept[0.1]) < set(kept[0.5]) < set(kept[1.0])
-    assert len(set(kept[1.0])) == 200
+        assert info["available_train_images"] == available
+        assert info["fraction"] == info["train_images"] / available
+    assert len(kept[50]) - len(val) == 50  # a count is exact
+    for fraction in (0.1, 0.5):  # a fraction takes the images ranked below it: about f * N
+        assert abs(len(kept[fraction]) - len(val) - fraction * available) < 4 * available ** 0.5
+    assert set(kept[0.1]) < set(kept[0.5]) < set(kept[1.0]) and set(kept[50]) < set(kept[0.5])
+    assert len(set(kept[1.0])) == 400
     train_01 = set(kept[0.1]) - val  # not the first images of the pool: a hash order
     assert train_01 != {sample_uid(s) for s in list(pool)[:len(train_01)]}
+    assert all(subset_rank(u) < 0.1 for u in train_01)
+    assert max(subset_rank(u) for u in set(kept[50]) - val) < min(
+        subset_rank(u) for u in set(kept[1.0]) - val - set(kept[50]))
 
 
 def test_a_subset_keeps_uids_of_samples_that_had_none(tmp_path):

@@ -6,7 +6,7 @@ with the paper's presets) and the one that runs (``grid``). Every point pre-trai
 number of steps at every data size (equal steps: a smaller data size is seen for more epochs,
 as in the paper, whose models all train for the same number of updates); its trunk is probed
 with the ``evaluation`` block and the grid's overrides. A data size is a nested subset of the
-training images of ``dfn_subset`` (the first N by a hash of the uid) beside its whole held-out
+training images of ``dfn_subset`` (ranked by a hash of the uid) beside its whole held-out
 split, so every point is validated on the same images; 1.0 is ``dfn_subset`` itself. The fits
 and Spearman's rho over the results are in :mod:`aim_kedro.aim.studies`.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import json
 import logging
 import re
@@ -213,14 +214,15 @@ def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
     return out
 
 
-def data_size_count(size: Any, available: int | None, where: str) -> int:
-    """Training images a data size asks for (``available`` of them exist; None: unknown yet)."""
+def data_size_count(size: Any, available: int | None, where: str) -> int | None:
+    """The count a data size asks for (None for a fraction), after checking it; ``available``
+    training images exist (None: not known yet)."""
     if isinstance(size, bool) or not isinstance(size, int | float):
         raise ValueError(f"{where} is {size!r}: give a fraction in (0, 1] or a count >= 2")
     if isinstance(size, float):
         if not 0.0 < size <= 1.0:
             raise ValueError(f"{where} is {size}: a fraction is in (0, 1]; a count is an int")
-        return max(1, round(size * available)) if available is not None else 0
+        return None
     if size < 2:
         raise ValueError(f"{where} is {size}: a count is >= 2 (write 1.0 for all the images)")
     if available is not None and size > available:
@@ -229,9 +231,11 @@ def data_size_count(size: Any, available: int | None, where: str) -> int:
     return size
 
 
-def _rank(uid: str) -> bytes:
-    """The order data sizes take training images in: a hash of the uid (nested subsets)."""
-    return hashlib.blake2b(f"scaling/{uid}".encode(), digest_size=8).digest()
+def subset_rank(uid: str) -> float:
+    """Where a uid falls in [0, 1) in the order data sizes take training images: a fraction f
+    takes the training images ranked below f, a count N the N lowest, so sizes nest."""
+    digest = hashlib.blake2b(f"scaling/{uid}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)
 
 
 def _with_uid(sample: Sample, uid: str) -> Sample:
@@ -247,27 +251,43 @@ def data_subset(
 ) -> tuple[Iterator[Sample], dict[str, Any]]:
     """The samples of one data size, streamed in order, and what they hold.
 
-    ``samples`` is read twice (a ``ShardSet`` is): once for the uids, once to stream the held-out
-    samples and the first ``size`` training samples by :func:`_rank`.
+    ``samples`` is read twice (a ``ShardSet`` is): once to count (and, for a count N, to keep
+    the N lowest-ranked uids, the only memory it needs), once to stream the held-out samples
+    and the chosen training samples (:func:`subset_rank`).
     """
-    train, held_out = [], 0
+    train = held_out = below = 0
+    lowest: list[tuple[float, str]] = []  # a max-heap (negated ranks) of the N lowest
+    wanted = data_size_count(size, None, where)
     for sample in samples:
         uid = sample_uid(sample)
         if val_bucket(uid) < val_percent:
             held_out += 1
-        else:
-            train.append(uid)
-    count = data_size_count(size, len(train), where)
-    keep = set(sorted(train, key=_rank)[:count])
-    summary = {"train_images": count, "available_train_images": len(train),
-               "fraction": count / len(train) if train else 0.0, "val_images": held_out,
+            continue
+        train += 1
+        rank = subset_rank(uid)
+        if wanted is None:
+            below += rank < size
+        elif len(lowest) < wanted:
+            heapq.heappush(lowest, (-rank, uid))
+        elif rank < -lowest[0][0]:
+            heapq.heapreplace(lowest, (-rank, uid))
+    data_size_count(size, train, where)
+    chosen = {uid for _, uid in lowest}
+    count = below if wanted is None else len(chosen)
+    summary = {"train_images": count, "available_train_images": train,
+               "fraction": count / train if train else 0.0, "val_images": held_out,
                "val_percent": val_percent, "size": size}
-    logger.info("%s: %d of %d training images (+%d held out)", where, count, len(train), held_out)
+    logger.info("%s: %d of %d training images (+%d held out)", where, count, train, held_out)
+
+    def keep(uid: str) -> bool:
+        if val_bucket(uid) < val_percent:
+            return True
+        return subset_rank(uid) < size if wanted is None else uid in chosen
 
     def stream() -> Iterator[Sample]:
         for sample in samples:
             uid = sample_uid(sample)
-            if uid in keep or val_bucket(uid) < val_percent:
+            if keep(uid):
                 yield _with_uid(sample, uid)
 
     return stream(), summary

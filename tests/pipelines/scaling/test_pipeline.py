@@ -289,7 +289,7 @@ def test_a_2x2_grid_of_tiny_models_runs_end_to_end(tmp_path):
     assert half_uids < all_uids and len(all_uids) == 64
     half, full = (catalog.load(f"scaling.data.{d}.data_size") for d in ("half", "all"))
     assert half["val_images"] == full["val_images"] > 0
-    assert half["train_images"] == round(full["train_images"] / 2)
+    assert 0 < half["train_images"] < full["train_images"]
     assert len(half_uids) == half["train_images"] + half["val_images"]
     assert full["train_images"] + full["val_images"] == 64
     assert set(results.filter(pl.col("data") == "half")["train_images"]) == {half["train_images"]}

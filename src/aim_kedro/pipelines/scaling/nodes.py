@@ -85,7 +85,7 @@ def validate_scaling_params(
 def take_data_size(
     dfn_subset: ShardSet | str, data_settings: Mapping[str, Any]
 ) -> tuple[Iterator[Sample], dict[str, Any]]:
-    """One data size of ``dfn_subset``: its held-out split and the first N training images
+    """One data size of ``dfn_subset``: its held-out split and its share of the training images
     (nested across sizes), streamed into the size's shards, and what it holds."""
     shard_set = ShardSet.open(dfn_subset) if isinstance(dfn_subset, str) else dfn_subset
     if not shard_set.shards:
