@@ -106,14 +106,12 @@ def _data_pipeline(grid: ScalingConfig) -> Pipeline:
     ])
 
 
-def _point_pipeline(grid: ScalingConfig, point: GridPoint) -> Pipeline:
-    """The pretraining and evaluation pipelines' nodes for one point, in its namespace."""
-    train = pretraining.create_pipeline().only_nodes("pretrain_aim")
-    probe = evaluation.create_pipeline().only_nodes(*PROBE_NODES)
+def _point_pipeline(grid: ScalingConfig, point: GridPoint, nodes: Pipeline) -> Pipeline:
+    """``nodes`` (the pretraining and evaluation pipelines' own) for one point, in its namespace."""
     shared = {config_name(block): f"{NAMESPACE}.{config_name(block)}"
               for block in ("device", "features", "random_init", "probes")}
     return Pipeline(
-        train + probe, namespace=point_namespace(point),
+        nodes, namespace=point_namespace(point),
         inputs={"dfn_subset": "dfn_subset" if grid.whole(point.data)
                 else f"{data_namespace(point.data)}.subset",
                 "secondary_pool": "secondary_pool", "eval_sets": f"{NAMESPACE}.eval_sets",
@@ -156,5 +154,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     eval_sets = Pipeline(evaluation.create_pipeline().only_nodes("load_eval_sets"),
                          namespace=NAMESPACE,
                          inputs={"probe_train": "probe_train", "probe_test": "probe_test"})
-    points = Pipeline([_point_pipeline(grid, point) for point in grid.points()])
+    nodes = (pretraining.create_pipeline().only_nodes("pretrain_aim")
+             + evaluation.create_pipeline().only_nodes(*PROBE_NODES))
+    points = Pipeline([_point_pipeline(grid, point, nodes) for point in grid.points()])
     return Pipeline(validate + data + eval_sets + points + _gather(grid), tags=[TAG])
