@@ -144,7 +144,9 @@ def test_the_grid_must_be_one_of_the_grids_and_the_paper_grid_is_valid():
     params = sorted(model_size(c.model_config())["trunk_params"] for c in paper.capacities.values())
     assert params[0] > 6e8 and params[-1] > 6e9
     assert [paper.whole(d) for d in paper.data_sizes] == [False, False, True]
-    assert paper.pretraining["num_gpus"] > 1  # each point under torchrun
+    settings = paper.point_pretraining(paper.points()[-1], PRETRAINING)
+    assert settings.num_gpus == 8 and settings.train.preset == "aim_7B"  # each under torchrun
+    assert settings.train.total_steps == paper.steps and settings.train.lr is None
 
 
 def test_a_point_that_cannot_train_names_the_point_and_the_block():
