@@ -107,9 +107,10 @@ def test_the_figures_draw_a_line_per_data_size_and_per_capacity():
     assert sum(label.startswith(tuple(IMAGES)) for label in labels) == 3
     assert any("N^-0.100" in label for label in labels)
     probes = plot_probes_vs_params(table)
-    assert [ax.get_title() for ax in probes.axes] == ["attentive 10shot", "attentive", "linear"]
+    assert [ax.get_title() for ax in probes.axes] == ["attentive 10-shot", "attentive", "linear"]
     assert any(line.get_label() == "random-init trunk" for line in probes.axes[0].get_lines())
     curves = plot_loss_curves(_curves(table), table)
-    assert len(curves.axes) == 3
+    assert len(curves.axes) == 3 and curves.axes[0].get_ylim()[1] < _curves(table)["val_loss"].max()
     assert [line.get_label() for line in curves.axes[0].get_lines()] == [
-        f"{c} ({p / 1e3:,.0f}k)" for c, p in PARAMS.items()]
+        "s (50k)", "m (110k)", "l (200k)", "xl (450k)"]
+    assert [t.get_text() for t in loss.axes[0].get_xticklabels()] == ["50k", "110k", "200k", "450k"]

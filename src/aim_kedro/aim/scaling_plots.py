@@ -5,12 +5,13 @@ training per capacity. Lines are means over seeds; every seed's run is a small d
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import polars as pl
-from matplotlib import colormaps
+from matplotlib import colormaps, ticker
 from matplotlib.figure import Figure
 
 from aim_kedro.aim.scaling import by_size, low_shot_column
@@ -26,6 +27,27 @@ def _seed_means(results: pl.DataFrame, value: str) -> pl.DataFrame:
             .agg(pl.col("trunk_params", "train_images").first(), pl.col(value).mean().alias("mean"),
                  pl.col(value).min().alias("low"), pl.col(value).max().alias("high"))
             .sort("trunk_params"))
+
+
+def _count(value: float) -> str:
+    """51k, 1.1M, 6.4B."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:g}"
+
+
+def _params_axis(ax: Any, results: pl.DataFrame, log_y: bool = False) -> None:
+    """A log x axis of trunk parameters ticked at the capacities; a log y in plain numbers."""
+    ax.set_xscale("log")
+    params = sorted(by_size(results, "capacity", "trunk_params").values())
+    ax.set_xticks(params, [_count(p) for p in params])
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.set_xlabel("trunk parameters")
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.2f"))
+        ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.2f"))
 
 
 def _data_label(results: pl.DataFrame, data: str) -> str:
@@ -54,9 +76,7 @@ def plot_loss_vs_params(results: pl.DataFrame, summary: Mapping[str, Any]) -> Fi
         ax.plot(rows["trunk_params"], rows["mean"], "o-", color=colours[data], label=label)
         ax.scatter(runs["trunk_params"], runs["final_val_loss"], s=10, color=colours[data],
                    alpha=0.5)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("trunk parameters")
+    _params_axis(ax, results, log_y=True)
     ax.set_ylabel("final validation loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -87,10 +107,9 @@ def plot_probes_vs_params(results: pl.DataFrame) -> Figure:
                     .sort("trunk_params"))
             ax.plot(base["trunk_params"], 100 * base[f"random_{probe}"], "s--", color="tab:gray",
                     label="random-init trunk")
-        ax.set_xscale("log")
-        ax.set_xlabel("trunk parameters")
+        _params_axis(ax, results)
         ax.set_ylabel("test top-1 (%)")
-        ax.set_title(probe.removesuffix("_top1").replace("_", " "))
+        ax.set_title(re.sub(r"(\d+)shot", r"\1-shot", probe.removesuffix("_top1")).replace("_", " "))
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("Frozen-trunk probes vs capacity (mean over seeds, bars: min-max)")
@@ -99,13 +118,15 @@ def plot_probes_vs_params(results: pl.DataFrame) -> Figure:
 
 def plot_loss_curves(curves: pl.DataFrame, results: pl.DataFrame) -> Figure:
     """Validation loss over pre-training, a line per capacity (mean over seeds, band: min-max),
-    one panel per data size."""
+    one panel per data size; the y axis starts at the second validation, where they part."""
     sizes = list(by_size(results, "data", "train_images"))
     params = by_size(results, "capacity", "trunk_params")
     capacities = list(params)
     colours = _colours(capacities, "plasma")
     fig = Figure(figsize=(4.2 * len(sizes), 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(sizes), sharey=True))
+    steps = sorted(set(curves["step"].to_list()))
+    later = curves.filter(pl.col("step") >= steps[min(1, len(steps) - 1)])["val_loss"]
     for ax, data in zip(axes, sizes, strict=True):
         for capacity in capacities:
             rows = (curves.filter((pl.col("data") == data) & (pl.col("capacity") == capacity))
@@ -116,10 +137,10 @@ def plot_loss_curves(curves: pl.DataFrame, results: pl.DataFrame) -> Figure:
             if not rows.height:
                 continue
             ax.plot(rows["step"], rows["mean"], color=colours[capacity],
-                    label=f"{capacity} ({params[capacity] / 1e3:,.0f}k)")
+                    label=f"{capacity} ({_count(params[capacity])})")
             ax.fill_between(rows["step"], rows["low"], rows["high"], color=colours[capacity],
                             alpha=0.2)
-        ax.set_yscale("log")
+        ax.set_ylim(0.98 * later.min(), 1.02 * later.max())
         ax.set_xlabel("pre-training step")
         ax.set_title(_data_label(results, data))
         ax.grid(True, which="both", alpha=0.3)
