@@ -95,7 +95,7 @@ class ScalingConfig:
     data_sizes: dict[str, float | int] = field(
         default_factory=lambda: {"d06": 0.0625, "d25": 0.25, "d100": 1.0})
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    steps: int = 300
+    steps: int = 250
     pretraining: dict[str, Any] = field(default_factory=lambda: {
         "val_percent": 10.0,
         "train": {"warmup_steps": 20, "keep_every": 0, "checkpoint_every": 0, "val_every": 50,
