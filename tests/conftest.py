@@ -329,6 +329,20 @@ SMALL_RUN = {
                    "min_steps": 20, "low_shot": {"shots": 10, "seeds": [0]}},
         "loss_vs_accuracy": {"max_checkpoints": 3},
     },
+    # A 2x2 grid of aim_tiny models for 8 steps: the scaling pipeline end to end in about a minute.
+    "scaling": {"grid": "tiny", "grids": {"tiny": {
+        "capacities": {"t16": {"preset": "aim_tiny", "model_overrides": {"embed_dim": 16}},
+                       "t32": {"preset": "aim_tiny"}},
+        "data_sizes": {"half": 0.5, "all": 1.0},
+        "seeds": [0],
+        "steps": 8,
+        "pretraining": {"val_percent": 25.0, "train": {
+            "batch_size": 8, "warmup_steps": 2, "val_every": 4, "val_batches": 2,
+            "num_workers": 0, "progress": False}},
+        "evaluation": {"probes": {"lrs": {"attentive": [1.0e-2], "linear": [3.0e-3]},
+                                  "epochs": 1, "min_steps": 10,
+                                  "low_shot": {"shots": 2, "seeds": [0]}}},
+    }}},
 }
 # The published AIM v1 format: the reference's tiny model, probed by evaluation_ml_aim.
 TINY_AIM_V1 = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "num_blocks": 4, "num_heads": 4,

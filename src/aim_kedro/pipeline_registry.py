@@ -13,7 +13,12 @@ DEFAULT_ORDER = ("sample", "curation", "pretraining", "evaluation")
 
 def register_pipelines() -> dict[str, Pipeline]:
     """Register each pipeline by its folder name; ``__default__`` runs the four of ``make run``
-    in data order."""
+    in data order.
+
+    ``evaluation_ml_aim`` probes a published AIM v1 checkpoint (the ``ml_aim_checkpoint`` entry)
+    without needing a local pre-training run. ``scaling`` (a grid of pre-training runs) is
+    registered but left out of ``__default__``: ``kedro run --pipelines scaling`` runs it.
+    """
     pipelines = find_pipelines(raise_errors=True)
     pipelines["__default__"] = sum(
         (pipelines[name] for name in DEFAULT_ORDER if name in pipelines), Pipeline([])

@@ -1,9 +1,13 @@
-"""Studies over a pre-training run: validation loss against probe accuracy of its checkpoints.
+"""Studies: validation loss against probe accuracy of a run's checkpoints, and scaling fits.
 
 The paper's claim (its Fig. 1, right) is that the pre-training objective tracks downstream
 quality. Here, for each kept step: the validation loss from the training history, and the test
 top-1 of a cheap fixed-lr probe on that step's frozen features; the summary is Spearman's rho.
 The labelled images are decoded once and only the images the probes use go through each trunk.
+
+The scaling study (the paper's first finding, its Fig. 4): over a grid of capacities and data
+sizes (``aim.scaling``), power laws of the final validation loss against trunk parameters and
+against training images, and Spearman's rho of loss with probe top-1 over every run.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 from scipy.stats import spearmanr
@@ -30,6 +36,7 @@ from aim_kedro.aim.features import (
 )
 from aim_kedro.aim.presets import AIMConfig
 from aim_kedro.aim.probes import FeatureSplit, few_shot_indices, fixed_lr_probe_top1
+from aim_kedro.aim.scaling import by_size, low_shot_column
 from aim_kedro.common.training import cpu_threads
 
 logger = logging.getLogger(__name__)
@@ -162,3 +169,103 @@ def loss_vs_accuracy(
         f"{p_value:.3g}" if p_value is not None else "n/a", probe, time.perf_counter() - start,
     )
     return table, summary
+
+
+# --- the scaling study: power laws of validation loss, and loss against accuracy over a grid ---
+
+def power_law_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, float | int | None]:
+    """Least squares of ``log y = log coefficient - exponent * log x``: ``y ~ x ** -exponent``,
+    with R^2 in log-log space. None values with fewer than 2 distinct positive ``x``."""
+    pairs = [(float(a), float(b)) for a, b in zip(x, y, strict=True)
+             if a is not None and b is not None and a > 0 and b > 0]
+    if len({a for a, _ in pairs}) < 2:
+        return {"exponent": None, "coefficient": None, "r2": None, "n": len(pairs)}
+    log_x, log_y = np.log([a for a, _ in pairs]), np.log([b for _, b in pairs])
+    slope, intercept = np.polyfit(log_x, log_y, 1)
+    residual = float(((log_y - (intercept + slope * log_x)) ** 2).sum())
+    total = float(((log_y - log_y.mean()) ** 2).sum())
+    return {"exponent": float(-slope), "coefficient": float(math.exp(intercept)),
+            "r2": 1.0 - residual / total if total > 0 else None, "n": len(pairs)}
+
+
+def joint_power_law_fit(params: Sequence[float], data: Sequence[float],
+                        loss: Sequence[float]) -> dict[str, float | int | None]:
+    """``loss ~ coefficient * params ** -params_exponent * data ** -data_exponent`` (least
+    squares in log space, R^2 there); None values when either axis has one value."""
+    rows = np.log(np.array([[p, d, v] for p, d, v in zip(params, data, loss, strict=True)
+                            if v is not None and v > 0], dtype=float).reshape(-1, 3))
+    if len(rows) < 4 or min(len(np.unique(rows[:, 0])), len(np.unique(rows[:, 1]))) < 2:
+        return {"params_exponent": None, "data_exponent": None, "coefficient": None, "r2": None,
+                "n": len(rows)}
+    design = np.column_stack([np.ones(len(rows)), rows[:, 0], rows[:, 1]])
+    (intercept, a, b), *_ = np.linalg.lstsq(design, rows[:, 2], rcond=None)
+    residual = float(((rows[:, 2] - design @ np.array([intercept, a, b])) ** 2).sum())
+    total = float(((rows[:, 2] - rows[:, 2].mean()) ** 2).sum())
+    return {"params_exponent": float(-a), "data_exponent": float(-b),
+            "coefficient": float(math.exp(intercept)),
+            "r2": 1.0 - residual / total if total > 0 else None, "n": len(rows)}
+
+
+def scaling_summary(results: pl.DataFrame, budget: str) -> dict[str, Any]:
+    """Power laws of the final validation loss against trunk parameters (one per data size) and
+    against training images (one per capacity), a joint fit, Spearman's rho of loss with each
+    probe's top-1 over every run, and the paper's findings checked at the largest data size.
+
+    Fits use the mean over seeds of each (capacity, data size); Spearman uses every run.
+    """
+    probes = [low_shot_column(results), "attentive_top1", "linear_top1"]
+    means = results.group_by("capacity", "data").agg(
+        pl.col("trunk_params", "train_images").first(), pl.col("final_val_loss").mean(),
+        *[pl.col(p).mean() for p in probes if p in results.columns],
+    )
+    capacity_params = by_size(results, "capacity", "trunk_params")
+    data_images = by_size(results, "data", "train_images")
+    capacities, sizes = list(capacity_params), list(data_images)
+
+    def fit(name: str, value: str, x: str) -> dict[str, Any]:
+        rows = means.filter(pl.col(name) == value).sort(x)
+        return power_law_fit(rows[x].to_list(), rows["final_val_loss"].to_list())
+
+    spearman_by_probe = {}
+    for probe in (p for p in probes if p in results.columns):
+        pairs = results.select(val_loss="final_val_loss", top1=probe).drop_nulls()
+        rho, p_value = spearman(pairs)
+        spearman_by_probe[probe] = {"rho": rho, "p_value": p_value, "n": pairs.height}
+    largest = means.filter(pl.col("data") == sizes[-1]).sort("trunk_params")
+    names, losses = largest["capacity"].to_list(), largest["final_val_loss"].to_list()
+    exceptions = [f"{a} -> {b}: {la:.4f} -> {lb:.4f}" for a, b, la, lb in
+                  zip(names, names[1:], losses, losses[1:], strict=False) if lb >= la]
+    headline = probes[0]
+    top1 = largest[headline].to_list() if headline in largest.columns else []
+    rho = spearman_by_probe.get(headline, {}).get("rho")
+    summary = {
+        "budget": budget,
+        "steps": sorted(set(results["steps"].to_list())),
+        "grid": {"capacities": capacity_params, "data_sizes": data_images,
+                 "seeds": sorted(set(results["seed"].to_list())), "runs": results.height},
+        "loss_vs_params": {d: fit("data", d, "trunk_params") for d in sizes},
+        "loss_vs_data": {c: fit("capacity", c, "train_images") for c in capacities},
+        "loss_joint": joint_power_law_fit(means["trunk_params"].to_list(),
+                                          means["train_images"].to_list(),
+                                          means["final_val_loss"].to_list()),
+        "spearman": spearman_by_probe,
+        "headline_probe": headline,
+        "findings": {
+            "largest_data": sizes[-1],
+            "val_loss_by_capacity": dict(zip(names, losses, strict=True)),
+            "loss_falls_with_capacity": bool(len(losses) > 1 and not exceptions),
+            "exceptions": exceptions,
+            f"{headline}_smallest": top1[0] if top1 else None,
+            f"{headline}_largest": top1[-1] if top1 else None,
+            "largest_beats_smallest": bool(len(top1) > 1 and top1[-1] > top1[0]),
+            "spearman_negative": rho is not None and rho < 0,
+        },
+    }
+    logger.info("scaling: %d runs; loss ~ params^-%s at %s; Spearman(loss, %s) = %s",
+                results.height, _fmt(summary["loss_vs_params"][sizes[-1]]["exponent"]),
+                sizes[-1], headline, _fmt(rho))
+    return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
