@@ -34,8 +34,8 @@ REMOVED = {
     "pretraining.secondary_shards": "the mixed-in shards are the catalog entry `secondary_pool` "
                                     "(point its filepath at the shard folder in "
                                     "conf/local/catalog.yml; an absent folder mixes nothing)",
-    "evaluation.trunk.source": "`kedro run --pipeline evaluation` probes `aim_checkpoint`, "
-                               "`--pipeline evaluation_ml_aim` the catalog entry "
+    "evaluation.trunk.source": "`kedro run --pipelines evaluation` probes `aim_checkpoint`, "
+                               "`--pipelines evaluation_ml_aim` the catalog entry "
                                "`ml_aim_checkpoint`",
     "evaluation.trunk.path": "point the catalog entry `ml_aim_checkpoint` at the file in "
                              "conf/local/catalog.yml",

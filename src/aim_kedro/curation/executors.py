@@ -65,7 +65,7 @@ class ExecutorConfig:
         if self.kind not in EXECUTORS:
             raise ValueError(
                 f"curation.executor.kind must be one of {list(EXECUTORS)}, got {self.kind!r}; "
-                "use local (one process) or ray (`kedro run -e ray --pipeline curation`)"
+                "use local (one process) or ray (`kedro run -e ray --pipelines curation`)"
             )
         if self.kind == "ray" and importlib.util.find_spec("ray") is None:
             raise ValueError(

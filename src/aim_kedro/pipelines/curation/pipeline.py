@@ -1,6 +1,6 @@
 """The ``curation`` pipeline: a raw image-text pool in, a DFN-style curated subset out.
 
-Node names are stable, for ``kedro run --pipeline curation --from-nodes <name>``:
+Node names are stable, for ``kedro run --pipelines curation --from-nodes <name>``:
 build_pool_index, train_filter_network, score_pool, apply_filters, deduplicate,
 build_pool_manifest, export_dfn_uids, detect_faces, write_dfn_subset, check_dfn_subset,
 report_curation, plot_curation. Each node takes only the ``params:curation.<block>`` entries it uses.

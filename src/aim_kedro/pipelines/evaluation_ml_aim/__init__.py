@@ -1,7 +1,7 @@
 """The ``evaluation_ml_aim`` pipeline: the evaluation pipeline's probes on a published AIM v1
 checkpoint (the catalog entry ``ml_aim_checkpoint``), without a local pre-training run.
 
-A package of its own so that ``kedro run --pipeline evaluation_ml_aim`` finds it (Kedro loads
+A package of its own so that ``kedro run --pipelines evaluation_ml_aim`` finds it (Kedro loads
 only the requested pipeline packages); its nodes are the evaluation pipeline's.
 """
 
