@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -128,15 +130,30 @@ def test_notebooks_say_how_to_open_them() -> None:
 
 
 @pytest.mark.slow
+def _get_when_listening(url: str, deadline: float) -> str:
+    """The body at ``url``, retried while the server that printed it is not yet accepting."""
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                return response.read().decode()
+        except urllib.error.URLError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def test_kedro_jupyter_lab_serves_jupyterlab(tmp_path: Path) -> None:
     """The documented `kedro jupyter lab` starts JupyterLab with the project's kernel."""
     env = {**os.environ, "JUPYTER_DATA_DIR": str(tmp_path / "data"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
            "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "HOME": str(tmp_path)}
     kedro = str(Path(sys.executable).parent / "kedro")
+    with socket.socket() as probe:  # a free port: with --port=0 some servers print port 0
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     root = ["--allow-root"] if os.geteuid() == 0 else []  # CI runs as root; Jupyter refuses it
     proc = subprocess.Popen(
-        [kedro, "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", "--port=0",
+        [kedro, "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          "--IdentityProvider.token=", "--ServerApp.password=", *root],
         cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
@@ -149,8 +166,7 @@ def test_kedro_jupyter_lab_serves_jupyterlab(tmp_path: Path) -> None:
             if match := re.search(r"(http://127\.0\.0\.1:\d+)/lab", line):
                 url = match.group(1)
         assert url, "JupyterLab did not start:\n" + "".join(seen[-40:])
-        with urllib.request.urlopen(f"{url}/api/kernelspecs", timeout=30) as response:
-            specs = response.read().decode()
+        specs = _get_when_listening(f"{url}/api/kernelspecs", deadline)
         assert "kedro_aim_kedro" in specs, specs[:2000]
         with urllib.request.urlopen(f"{url}/lab", timeout=30) as response:
             assert response.status == 200
