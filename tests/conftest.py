@@ -391,6 +391,23 @@ def run_order(pipes: dict) -> list[str]:
     return order
 
 
+def project_pipelines(project: Path) -> dict:
+    """The registered pipelines as ``project`` builds them (``__default__`` left out): the
+    scaling pipeline's namespaces come from the grid in the project's own conf."""
+    from kedro.framework.project import pipelines
+
+    from aim_kedro.lineage import registered_pipelines
+
+    here = Path.cwd()
+    os.chdir(project)
+    try:
+        pipelines.configure(pipelines._pipelines_module)  # build again, from this conf
+        return registered_pipelines()
+    finally:
+        os.chdir(here)
+        pipelines.configure(pipelines._pipelines_module)
+
+
 CLI_RUNS = "logs/cli-runs.json"  # each run's exit code and output, kept with the project
 
 
@@ -414,7 +431,7 @@ def cli_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
         runs = {name: subprocess.CompletedProcess(run["args"], run["returncode"], run["stdout"])
                 for name, run in saved.items()}
         bootstrap_project(Path(reuse))
-        return {"path": Path(reuse), "runs": runs}
+        return {"path": Path(reuse), "runs": runs, "pipelines": project_pipelines(Path(reuse))}
     project = small_project(tmp_path_factory.mktemp("cli") / "project")
     bootstrap_project(project)
     runs = {}
@@ -423,4 +440,4 @@ def cli_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (project / CLI_RUNS).write_text(json.dumps(
         {name: {"args": run.args, "returncode": run.returncode, "stdout": run.stdout}
          for name, run in runs.items()}))
-    return {"path": project, "runs": runs}
+    return {"path": project, "runs": runs, "pipelines": project_pipelines(project)}

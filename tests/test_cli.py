@@ -56,14 +56,14 @@ def _refused(result, *needles: str) -> str:
 
 
 def test_every_registered_pipeline_runs_from_the_cli_by_name(cli_project) -> None:
-    project, runs = cli_project["path"], cli_project["runs"]
-    assert set(runs) == set(registered_pipelines())
+    project, runs, built = cli_project["path"], cli_project["runs"], cli_project["pipelines"]
+    assert set(runs) == set(built) == set(registered_pipelines())
     for name, result in runs.items():
         assert result.returncode == 0, f"kedro run --pipelines {name}:\n{result.stdout[-4000:]}"
         manifest = _manifest_of(project, name)
         assert manifest["command"] == f"kedro run --pipelines {name}"
         assert manifest["outputs"], name
-        assert set(manifest["nodes"]) == {n.name for n in registered_pipelines()[name].nodes}
+        assert set(manifest["nodes"]) == {n.name for n in built[name].nodes}
 
 
 def test_published_aim_v1_weights_are_probed_from_a_local_file(cli_project) -> None:

@@ -61,9 +61,9 @@ def test_the_build_is_the_whole_site(viz_build) -> None:
     assert (viz_build / "api" / "main").is_file()
 
 
-def test_static_build_lists_every_pipeline_s_nodes_and_datasets(viz_build) -> None:
+def test_static_build_lists_every_pipeline_s_nodes_and_datasets(viz_build, cli_project) -> None:
     main = _api(viz_build, "main")
-    registered = _registered()
+    registered = {**cli_project["pipelines"], "__default__": _registered()["__default__"]}
     assert {p["id"] for p in main["pipelines"]} == set(registered)
     for name, pipeline in registered.items():
         graph = _api(viz_build, f"pipelines/{name}")
