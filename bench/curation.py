@@ -38,7 +38,6 @@ import gc
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
+    ForwardCpu,
+    cpu_seconds,
     current_peak_rss_mib,
+    decode_floor,
     environment_line,
     load_average,
     peak_rss_mib,
@@ -96,6 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the Ray re-run of the per-shard nodes")
     parser.add_argument("--ray-cpus", type=int, default=None,
                         help="CPUs of the local Ray (default: all cores)")
+    parser.add_argument("--floor-size", type=int, default=224,
+                        help="side of the decode floor's one bicubic resize (default 224, CLIP's "
+                             "input)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="show the pipeline's logs")
     parser.add_argument("--quick", action="store_true",
@@ -143,6 +148,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from kedro.config import OmegaConfigLoader
     from kedro.io import DataCatalog
 
+    from aim_kedro.io.shards import image_bytes
     from aim_kedro.pipelines.curation import create_pipeline
 
     rss_imports = peak_rss_mib()
@@ -167,9 +173,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     catalog = make_catalog(Path(spec["out_dir"]))
     stages = []
+    forward = ForwardCpu().__enter__()
     for node in pipeline.nodes:
         per_stage = reset_peak_rss()
-        cpu_start = cpu_seconds()
+        cpu_start, forward_start = cpu_seconds(), forward.seconds
         start = time.perf_counter()
         inputs = {
             name: _param(params, name) if name.startswith("params:") else catalog.load(name)
@@ -181,6 +188,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         for name in node.outputs:
             catalog.save(name, outputs[name])
         saved = time.perf_counter()
+        cpu, inference = cpu_seconds() - cpu_start, forward.seconds - forward_start
         stats = {
             name: value for name, value in outputs.items()
             if name.endswith("_stats") and isinstance(value, dict)
@@ -190,23 +198,21 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         gc.collect()
         stages.append({
             "node": node.name, "load": loaded - start, "run": ran - loaded, "save": saved - ran,
-            "cpu": cpu_seconds() - cpu_start, "sizes": sizes, "stats": json.loads(json.dumps(stats, default=str)),
+            "cpu": cpu, "inference_cpu": inference,
+            "sizes": sizes, "stats": json.loads(json.dumps(stats, default=str)),
             "stage_peak_rss_mib": current_peak_rss_mib() if per_stage else peak_rss_mib(),
         })
+    forward.__exit__()
     # Resetting the mark also resets ru_maxrss, so the run's peak is the largest stage peak.
     overall = max([rss_imports] + [s["stage_peak_rss_mib"] or 0.0 for s in stages])
+    pool = [found[1] for sample in catalog.load("raw_pool") if (found := image_bytes(sample))]
+    floor = decode_floor(pool, spec["floor_size"])
     on_ray = None
     if spec["ray"]:
         on_ray = run_ray_stages(spec, pipeline, params, catalog,
                                 make_catalog(Path(spec["out_dir"]) / "ray"))
     return {"rss_after_imports_mib": rss_imports, "stages": stages, "peak_rss_mib": overall,
-            "per_stage_peaks": per_stage, "ray": on_ray}
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+            "per_stage_peaks": per_stage, "ray": on_ray, "floor_ips": floor}
 
 
 def _same_output(new: Any, old: Any) -> bool | None:
@@ -314,6 +320,7 @@ def run_pool(args: argparse.Namespace, inputs: dict[str, Any], n: int, tmp: Path
         "ray_cpus": args.ray_cpus,
         "filter_epochs": args.filter_epochs,
         "filter_steps": args.filter_steps,
+        "floor_size": args.floor_size,
         "out_dir": str(tmp / f"out_{n}"),
         "inputs": {
             "raw_pool": inputs["pools"][n],
@@ -467,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{results[n]['peak_rss_mib']:.0f} MiB @{n}" for n in args.sizes)
         + ("" if results[big]["per_stage_peaks"] else " (per-stage peaks unavailable: the "
            "column shows the running peak)"))
-    summary(
-        f"curation end to end {totals[f'ips{small}']:.1f} / {totals[f'ips{big}']:.1f} img/s at "
+    print(
+        f"# curation end to end {totals[f'ips{small}']:.1f} / {totals[f'ips{big}']:.1f} img/s at "
         f"{small} / {big} images ({args.image_size} px; w/o filter training "
         f"{no_train[f'ips{small}']:.1f} / {no_train[f'ips{big}']:.1f}) | peak RSS "
         f"{rss_small:.0f} -> {rss_big:.0f} MiB ({(rss_big - rss_small) / rss_small:+.1%}), "
@@ -476,7 +483,35 @@ def main(argv: list[str] | None = None) -> int:
         f"({(pool_big - pool_small) / pool_small:+.1%}) for {big / small:.1f}x the pool"
         + (f" | {engine}" if engine else "")
     )
+    own, floor = own_cpu(args, results[big]), results[big]["floor_ips"]
+    summary(f"curation cpu {own:.1f} img/s/core excluding inference; floor {floor:.1f} "
+            f"img/s/core; ratio {own / floor:.2f}")
     return 0
+
+
+def own_cpu(args: argparse.Namespace, result: dict[str, Any]) -> float:
+    """Print the pipeline's own CPU per stage (the process's CPU minus what torch modules'
+    forward passes took) at the largest pool; return pool images per own CPU-second of the
+    stages that see the pool (all but the filtering network's training)."""
+    big = args.sizes[-1]
+    rows = []
+    for stage in result["stages"]:
+        if stage["node"] == "train_filter_network":
+            continue
+        mine = stage["cpu"] - stage["inference_cpu"]
+        rows.append({"stage": stage["node"], "cpu": stage["cpu"], "inference": stage["inference_cpu"],
+                     "own": mine, "ms": mine / big * 1e3})
+    total = sum(r["own"] for r in rows)
+    rows.append({"stage": "pool stages", "cpu": sum(r["cpu"] for r in rows),
+                 "inference": sum(r["inference"] for r in rows), "own": total,
+                 "ms": total / big * 1e3})
+    print(f"\n## own CPU at {big} images ({args.image_size} px): user + system s, minus the "
+          f"forward passes of torch modules; floor: Pillow decode + one bicubic resize to "
+          f"{args.floor_size} px of the same JPEGs, {result['floor_ips']:.1f} img/s/core")
+    print_table(rows, [("stage", "stage", ""), ("cpu", "CPU s", ".2f"),
+                       ("inference", "inference CPU s", ".2f"), ("own", "own CPU s", ".2f"),
+                       ("ms", "own CPU ms / pool image", ".2f")])
+    return big / total if total > 0 else float("inf")
 
 
 if __name__ == "__main__":
