@@ -306,22 +306,27 @@ def read_task(task: ShardTask, cfg: IndexConfig) -> Iterator[tuple[dict[str, Any
             break
 
 
-def decode_member(found: tuple[str, bytes] | None, cfg: IndexConfig) -> Image.Image | None:
-    """``decode_image`` of a ``read_task`` member as the index decoded it; None when there is
-    none or it no longer decodes."""
+def decode_member(
+    found: tuple[str, bytes] | None, cfg: IndexConfig, min_side: int | None = None
+) -> Image.Image | None:
+    """``decode_image`` of a ``read_task`` member as the index decoded it (a JPEG at reduced
+    scale with ``min_side``); None when there is none or it no longer decodes."""
     if found is None:
         return None
     try:
-        return decode_image(found[1], cfg.max_image_pixels, strict=cfg.strict_decoding)
+        return decode_image(found[1], cfg.max_image_pixels, strict=cfg.strict_decoding,
+                            min_side=min_side)
     except DecodeError:
         return None
 
 
-def decode_task(task: ShardTask, cfg: IndexConfig) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
-    """Decoded images of one shard task's rows (``read_task``), in shard order; ``image`` is
-    None when the bytes no longer decode."""
+def decode_task(
+    task: ShardTask, cfg: IndexConfig, min_side: int | None = None
+) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
+    """Decoded images of one shard task's rows (``read_task``; ``min_side``: see
+    ``decode_image``), in shard order; ``image`` is None when the bytes no longer decode."""
     for row, found in read_task(task, cfg):
-        yield row, decode_member(found, cfg)
+        yield row, decode_member(found, cfg, min_side)
 
 
 def decode_selected(
