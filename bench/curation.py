@@ -27,6 +27,11 @@ the catalog, saving to a second catalog: a second table gives items/s of each no
 on this machine (the engine's overhead), and whether the Ray outputs equal the local ones.
 ``--no-ray`` skips it.
 
+Own CPU: the process's CPU per stage minus what torch modules' forward passes took (global
+module hooks), per pool image, beside the decode floor of the same run (Pillow decode + one
+bicubic resize of the same JPEGs); the last line is exactly
+``curation cpu X img/s/core excluding inference; floor F img/s/core; ratio R``.
+
     .venv/bin/python bench/curation.py --quick                   # 200 and 400 images at 64 px
     .venv/bin/python bench/curation.py --pool-size 10000 --image-size 256
 """
@@ -101,6 +106,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--floor-size", type=int, default=224,
                         help="side of the decode floor's one bicubic resize (default 224, CLIP's "
                              "input)")
+    parser.add_argument("--fast", action="store_true",
+                        help="curation.index.fast_crop_hashes: true and "
+                             "curation.scoring.decode_min_side: the filtering network's input "
+                             "size (the opt-in speed settings)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="show the pipeline's logs")
     parser.add_argument("--quick", action="store_true",
@@ -158,6 +167,11 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     overrides = {key: spec[f"filter_{key}"] for key in ("epochs", "steps")
                  if spec[f"filter_{key}"] is not None}
     params["curation"]["filter_network"] = {**params["curation"]["filter_network"], **overrides}
+    if spec["fast"]:
+        curation = params["curation"]
+        curation["index"] = {**curation["index"], "fast_crop_hashes": True}
+        curation["scoring"] = {**curation["scoring"],
+                               "decode_min_side": curation["filter_network"]["image_size"]}
     pipeline = create_pipeline()
 
     def make_catalog(out: Path) -> DataCatalog:
@@ -321,6 +335,7 @@ def run_pool(args: argparse.Namespace, inputs: dict[str, Any], n: int, tmp: Path
         "filter_epochs": args.filter_epochs,
         "filter_steps": args.filter_steps,
         "floor_size": args.floor_size,
+        "fast": args.fast,
         "out_dir": str(tmp / f"out_{n}"),
         "inputs": {
             "raw_pool": inputs["pools"][n],
@@ -414,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         inputs = write_inputs(args, tmp)
         print(f"# pools {', '.join(map(str, args.sizes))} images at {args.image_size} px, "
+              f"{'--fast: fast crop hashes, scoring decoded at the scorer input size, ' if args.fast else ''}"
               f"{args.samples_per_shard} per shard | {args.trusted_pairs} trusted pairs, "
               f"filter-network epochs {args.filter_epochs or 'as conf/base'}, steps "
               f"{args.filter_steps or 'as conf/base'} | probe_test "
