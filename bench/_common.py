@@ -175,6 +175,20 @@ def decode_floor(images: Sequence[bytes], size: int = 224, repeats: int = 3) -> 
     return len(images) / best if best > 0 else float("inf")
 
 
+def param_value(params: dict[str, Any], name: str) -> Any:
+    """The value of ``params:a.b.c`` in a parameters tree."""
+    value: Any = params
+    for part in name.removeprefix("params:").split("."):
+        value = value[part]
+    return value
+
+
+def table_height(value: Any) -> int | None:
+    """The row count of a table output (None for anything else)."""
+    height = getattr(value, "height", None)
+    return int(height) if isinstance(height, int) else None
+
+
 def fmt(value: Any, spec: str = "") -> str:
     """Format a cell; None and NaN become '-'."""
     if value is None or (isinstance(value, float) and value != value):

@@ -37,6 +37,7 @@ from _common import (
     current_peak_rss_mib,
     environment_line,
     load_average,
+    param_value,
     peak_rss_mib,
     print_table,
     reset_peak_rss,
@@ -110,13 +111,6 @@ def synthetic_scores(index: Any) -> tuple[Any, Any]:
     return scores, embeddings
 
 
-def _param(params: dict[str, Any], name: str) -> Any:
-    value: Any = params
-    for part in name.removeprefix("params:").split("."):
-        value = value[part]
-    return value
-
-
 def _table_mib(value: Any) -> float:
     size = getattr(value, "estimated_size", None)
     return size("mb") if callable(size) else 0.0
@@ -144,7 +138,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             data["clip_scores"], data["clip_embeddings"] = synthetic_scores(data["pool_index"])
         per_stage = reset_peak_rss()
         cpu_start, start = cpu_seconds(), time.perf_counter()
-        outputs = node.run({name: _param(params, name) if name.startswith("params:")
+        outputs = node.run({name: param_value(params, name) if name.startswith("params:")
                             else data[name] for name in node.inputs})
         cpu, wall = cpu_seconds() - cpu_start, time.perf_counter() - start
         data.update(outputs)
