@@ -118,6 +118,77 @@ def current_peak_rss_mib() -> float | None:
     return None
 
 
+class ForwardCpu:
+    """CPU seconds this process spends inside ``torch.nn.Module`` forward passes (the outermost
+    call only, through torch's global module hooks): the model inference a pipeline's own cost
+    excludes. ``seconds`` counts every thread (``resource.getrusage``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._depth = 0
+        self._start = 0.0
+        self._handles: list[Any] = []
+
+    def _enter(self, *_: Any) -> None:
+        if self._depth == 0:
+            self._start = cpu_seconds()
+        self._depth += 1
+
+    def _leave(self, *_: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += cpu_seconds() - self._start
+
+    def __enter__(self) -> ForwardCpu:
+        from torch.nn.modules import module
+
+        self._handles = [module.register_module_forward_pre_hook(self._enter),
+                         module.register_module_forward_hook(self._leave, always_call=True)]
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def decode_floor(images: Sequence[bytes], size: int = 224, repeats: int = 3) -> float:
+    """Images per CPU-second of Pillow alone: open, decode to RGB and one bicubic resize to
+    ``size`` x ``size``; the best of ``repeats`` passes (the least disturbed by other work)."""
+    import io
+
+    from PIL import Image
+
+    best = float("inf")
+    for _ in range(repeats):
+        start = cpu_seconds()
+        for data in images:
+            with Image.open(io.BytesIO(data)) as image:
+                image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        best = min(best, cpu_seconds() - start)
+    return len(images) / best if best > 0 else float("inf")
+
+
+def param_value(params: dict[str, Any], name: str) -> Any:
+    """The value of ``params:a.b.c`` in a parameters tree."""
+    value: Any = params
+    for part in name.removeprefix("params:").split("."):
+        value = value[part]
+    return value
+
+
+def table_height(value: Any) -> int | None:
+    """The row count of a table output (None for anything else)."""
+    height = getattr(value, "height", None)
+    return int(height) if isinstance(height, int) else None
+
+
 def fmt(value: Any, spec: str = "") -> str:
     """Format a cell; None and NaN become '-'."""
     if value is None or (isinstance(value, float) and value != value):

@@ -27,6 +27,11 @@ the catalog, saving to a second catalog: a second table gives items/s of each no
 on this machine (the engine's overhead), and whether the Ray outputs equal the local ones.
 ``--no-ray`` skips it.
 
+Own CPU: the process's CPU per stage minus what torch modules' forward passes took (global
+module hooks), per pool image, beside the decode floor of the same run (Pillow decode + one
+bicubic resize of the same JPEGs); the last line is exactly
+``curation cpu X img/s/core excluding inference; floor F img/s/core; ratio R``.
+
     .venv/bin/python bench/curation.py --quick                   # 200 and 400 images at 64 px
     .venv/bin/python bench/curation.py --pool-size 10000 --image-size 256
 """
@@ -37,8 +42,6 @@ import argparse
 import gc
 import json
 import logging
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,30 +51,24 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
+    ForwardCpu,
+    cpu_seconds,
     current_peak_rss_mib,
+    decode_floor,
     environment_line,
     load_average,
+    param_value,
     peak_rss_mib,
     print_table,
     reset_peak_rss,
     summary,
+    table_height,
 )
+from _curation_ray import STAGE_UNITS, compare_ray, run_ray_stages, stage_count
 
 REPO = Path(__file__).resolve().parents[1]
 EXTERNAL_INPUTS = ("raw_pool", "trusted_pairs", "probe_test", "sample_truth")
 RESULT_PREFIX = "BENCH_RESULT "
-RAY_STAGES = ("build_pool_index", "score_pool", "detect_faces", "write_dfn_subset")
-
-# What a stage's images/s counts: the pool by default, else (what, how to get the count).
-STAGE_UNITS = {
-    "train_filter_network": "trusted pairs",
-    "score_pool": "scored samples",
-    "detect_faces": "kept samples",
-    "write_dfn_subset": "kept samples",
-    "check_dfn_subset": "written samples",
-}
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool-size", type=int, default=None,
@@ -96,6 +93,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the Ray re-run of the per-shard nodes")
     parser.add_argument("--ray-cpus", type=int, default=None,
                         help="CPUs of the local Ray (default: all cores)")
+    parser.add_argument("--floor-size", type=int, default=224,
+                        help="side of the decode floor's one bicubic resize (default 224, CLIP's "
+                             "input)")
+    parser.add_argument("--fast", action="store_true",
+                        help="curation.index.fast_crop_hashes: true and "
+                             "curation.scoring.decode_min_side: the filtering network's input "
+                             "size (the opt-in speed settings)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="show the pipeline's logs")
     parser.add_argument("--quick", action="store_true",
@@ -123,19 +127,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 
 
-def _param(params: dict[str, Any], name: str) -> Any:
-    """The value of ``params:a.b.c``."""
-    value: Any = params
-    for part in name.removeprefix("params:").split("."):
-        value = value[part]
-    return value
-
-
-def _size(value: Any) -> int | None:
-    height = getattr(value, "height", None)
-    return int(height) if isinstance(height, int) else None
-
-
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run every node of the curation pipeline; return per-node seconds, sizes and peak RSS."""
     warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
@@ -143,6 +134,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from kedro.config import OmegaConfigLoader
     from kedro.io import DataCatalog
 
+    from aim_kedro.io.shards import image_bytes
     from aim_kedro.pipelines.curation import create_pipeline
 
     rss_imports = peak_rss_mib()
@@ -152,6 +144,11 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     overrides = {key: spec[f"filter_{key}"] for key in ("epochs", "steps")
                  if spec[f"filter_{key}"] is not None}
     params["curation"]["filter_network"] = {**params["curation"]["filter_network"], **overrides}
+    if spec["fast"]:
+        curation = params["curation"]
+        curation["index"] = {**curation["index"], "fast_crop_hashes": True}
+        curation["scoring"] = {**curation["scoring"],
+                               "decode_min_side": curation["filter_network"]["image_size"]}
     pipeline = create_pipeline()
 
     def make_catalog(out: Path) -> DataCatalog:
@@ -167,12 +164,13 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     catalog = make_catalog(Path(spec["out_dir"]))
     stages = []
+    forward = ForwardCpu().__enter__()
     for node in pipeline.nodes:
         per_stage = reset_peak_rss()
-        cpu_start = cpu_seconds()
+        cpu_start, forward_start = cpu_seconds(), forward.seconds
         start = time.perf_counter()
         inputs = {
-            name: _param(params, name) if name.startswith("params:") else catalog.load(name)
+            name: param_value(params, name) if name.startswith("params:") else catalog.load(name)
             for name in node.inputs
         }
         loaded = time.perf_counter()
@@ -181,86 +179,31 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         for name in node.outputs:
             catalog.save(name, outputs[name])
         saved = time.perf_counter()
+        cpu, inference = cpu_seconds() - cpu_start, forward.seconds - forward_start
         stats = {
             name: value for name, value in outputs.items()
             if name.endswith("_stats") and isinstance(value, dict)
         }
-        sizes = {name: n for name, value in outputs.items() if (n := _size(value)) is not None}
+        sizes = {name: n for name, value in outputs.items() if (n := table_height(value)) is not None}
         del inputs, outputs
         gc.collect()
         stages.append({
             "node": node.name, "load": loaded - start, "run": ran - loaded, "save": saved - ran,
-            "cpu": cpu_seconds() - cpu_start, "sizes": sizes, "stats": json.loads(json.dumps(stats, default=str)),
+            "cpu": cpu, "inference_cpu": inference,
+            "sizes": sizes, "stats": json.loads(json.dumps(stats, default=str)),
             "stage_peak_rss_mib": current_peak_rss_mib() if per_stage else peak_rss_mib(),
         })
+    forward.__exit__()
     # Resetting the mark also resets ru_maxrss, so the run's peak is the largest stage peak.
     overall = max([rss_imports] + [s["stage_peak_rss_mib"] or 0.0 for s in stages])
+    pool = [found[1] for sample in catalog.load("raw_pool") if (found := image_bytes(sample))]
+    floor = decode_floor(pool, spec["floor_size"])
     on_ray = None
     if spec["ray"]:
         on_ray = run_ray_stages(spec, pipeline, params, catalog,
                                 make_catalog(Path(spec["out_dir"]) / "ray"))
     return {"rss_after_imports_mib": rss_imports, "stages": stages, "peak_rss_mib": overall,
-            "per_stage_peaks": per_stage, "ray": on_ray}
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _same_output(new: Any, old: Any) -> bool | None:
-    """Whether a Ray output equals the local one (tables; shard folders sample by sample)."""
-    if hasattr(new, "equals") and hasattr(old, "equals"):
-        return bool(new.equals(old))
-    if hasattr(new, "shards") and hasattr(old, "shards"):
-        return [sorted(s.items()) for s in new] == [sorted(s.items()) for s in old]
-    return None
-
-
-def run_ray_stages(
-    spec: dict[str, Any], pipeline: Any, params: dict[str, Any], catalog: Any, ray_catalog: Any
-) -> dict[str, Any]:
-    """Start a local Ray, then run the per-shard nodes with the Ray executor on the inputs of
-    ``catalog`` (the local run's), saving to ``ray_catalog``; times and output checks."""
-    import ray
-
-    from aim_kedro.curation.executors import ExecutorConfig
-    from aim_kedro.curation.ray_executor import ensure_ray
-
-    executor = {"kind": "ray", "num_cpus": spec["ray_cpus"]}
-    start = time.perf_counter()
-    ensure_ray(ExecutorConfig(**executor))
-    ray_start = time.perf_counter() - start
-    ray_params = {**params, "curation": {**params["curation"], "executor": executor}}
-    stages = []
-    for node in pipeline.nodes:
-        if node.name not in RAY_STAGES:
-            continue
-        cpu_start = cpu_seconds()
-        start = time.perf_counter()
-        inputs = {
-            name: _param(ray_params, name) if name.startswith("params:") else catalog.load(name)
-            for name in node.inputs
-        }
-        outputs = node.run(inputs)
-        for name in node.outputs:
-            ray_catalog.save(name, outputs[name])
-        seconds = time.perf_counter() - start
-        cpu = cpu_seconds() - cpu_start
-        checks = {name: _same_output(ray_catalog.load(name), catalog.load(name))
-                  for name in node.outputs if not name.endswith("_stats")}
-        stats = {name: value for name, value in outputs.items() if name.endswith("_stats")}
-        stages.append({
-            "node": node.name, "load": 0.0, "run": seconds, "save": 0.0, "cpu": cpu,
-            "sizes": {name: n for name, value in outputs.items()
-                      if (n := _size(value)) is not None},
-            "stats": json.loads(json.dumps(stats, default=str)),
-            "identical": all(v for v in checks.values() if v is not None),
-        })
-    ray.shutdown()
-    return {"ray_start_s": ray_start, "cpus": spec["ray_cpus"] or os.cpu_count(),
-            "stages": stages}
+            "per_stage_peaks": per_stage, "ray": on_ray, "floor_ips": floor}
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +257,8 @@ def run_pool(args: argparse.Namespace, inputs: dict[str, Any], n: int, tmp: Path
         "ray_cpus": args.ray_cpus,
         "filter_epochs": args.filter_epochs,
         "filter_steps": args.filter_steps,
+        "floor_size": args.floor_size,
+        "fast": args.fast,
         "out_dir": str(tmp / f"out_{n}"),
         "inputs": {
             "raw_pool": inputs["pools"][n],
@@ -345,56 +290,6 @@ def run_pool(args: argparse.Namespace, inputs: dict[str, Any], n: int, tmp: Path
     return result
 
 
-def stage_count(stage: dict[str, Any], pool: int, trusted: int) -> int:
-    """How many items a stage's images/s divides by (see STAGE_UNITS)."""
-    name, sizes, stats = stage["node"], stage["sizes"], stage["stats"]
-    if name == "train_filter_network":
-        return trusted
-    if name == "score_pool":
-        return sizes.get("clip_scores", pool)
-    if name == "detect_faces":
-        return int(stats.get("curation_face_stats", {}).get("images", sizes.get("face_boxes", 0)))
-    if name == "write_dfn_subset":
-        return sizes.get("dfn_manifest", 0)
-    if name == "check_dfn_subset":
-        return int(stats.get("curation_subset_stats", {}).get("written", 0))
-    return pool
-
-
-def compare_ray(args: argparse.Namespace, result: dict[str, Any]) -> str:
-    """Print items/s of the per-shard nodes local vs Ray at ``args.ray_pool``; the summary clause."""
-    big = args.ray_pool
-    on_ray = result["ray"]
-    local = {s["node"]: s for s in result["stages"]}
-    rows = []
-    for stage in on_ray["stages"]:
-        mine = local[stage["node"]]
-        count = stage_count(mine, big, args.trusted_pairs)
-        s_local = mine["load"] + mine["run"] + mine["save"]
-        s_ray = stage["run"]
-        rows.append({"stage": stage["node"], "items": count, "s_local": s_local, "s_ray": s_ray,
-                     "ips_local": count / s_local, "ips_ray": count / s_ray,
-                     "ratio": s_local / s_ray, "same": "yes" if stage["identical"] else "NO"})
-    s_local = sum(r["s_local"] for r in rows)
-    s_ray = sum(r["s_ray"] for r in rows)
-    same = all(r["same"] == "yes" for r in rows)
-    rows.append({"stage": "the four per-shard nodes", "items": big, "s_local": s_local,
-                 "s_ray": s_ray, "ips_local": big / s_local, "ips_ray": big / s_ray,
-                 "ratio": s_local / s_ray, "same": "yes" if same else "NO"})
-    print(f"\n## local vs Ray at {big} images: the per-shard nodes again on the same inputs, "
-          f"Ray Data on a local Ray of {on_ray['cpus']} CPUs (started in "
-          f"{on_ray['ray_start_s']:.1f} s, not counted)")
-    print_table(rows, [
-        ("stage", "stage", ""), ("items", "items", "d"), ("s_local", "s local", ".2f"),
-        ("ips_local", "items/s local", ".1f"), ("s_ray", "s ray", ".2f"),
-        ("ips_ray", "items/s ray", ".1f"), ("ratio", "ray speed / local", ".2f"),
-        ("same", "ray output = local", ""),
-    ])
-    return (f"per-shard nodes at {big}: ray ({on_ray['cpus']} CPUs) {big / s_ray:.1f} vs local "
-            f"{big / s_local:.1f} img/s ({s_local / s_ray:.2f}x, outputs "
-            f"{'identical' if same else 'DIFFER'}; Ray start {on_ray['ray_start_s']:.1f} s)")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -407,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         inputs = write_inputs(args, tmp)
         print(f"# pools {', '.join(map(str, args.sizes))} images at {args.image_size} px, "
+              f"{'--fast: fast crop hashes, scoring decoded at the scorer input size, ' if args.fast else ''}"
               f"{args.samples_per_shard} per shard | {args.trusted_pairs} trusted pairs, "
               f"filter-network epochs {args.filter_epochs or 'as conf/base'}, steps "
               f"{args.filter_steps or 'as conf/base'} | probe_test "
@@ -467,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{results[n]['peak_rss_mib']:.0f} MiB @{n}" for n in args.sizes)
         + ("" if results[big]["per_stage_peaks"] else " (per-stage peaks unavailable: the "
            "column shows the running peak)"))
-    summary(
-        f"curation end to end {totals[f'ips{small}']:.1f} / {totals[f'ips{big}']:.1f} img/s at "
+    print(
+        f"# curation end to end {totals[f'ips{small}']:.1f} / {totals[f'ips{big}']:.1f} img/s at "
         f"{small} / {big} images ({args.image_size} px; w/o filter training "
         f"{no_train[f'ips{small}']:.1f} / {no_train[f'ips{big}']:.1f}) | peak RSS "
         f"{rss_small:.0f} -> {rss_big:.0f} MiB ({(rss_big - rss_small) / rss_small:+.1%}), "
@@ -476,7 +372,35 @@ def main(argv: list[str] | None = None) -> int:
         f"({(pool_big - pool_small) / pool_small:+.1%}) for {big / small:.1f}x the pool"
         + (f" | {engine}" if engine else "")
     )
+    own, floor = own_cpu(args, results[big]), results[big]["floor_ips"]
+    summary(f"curation cpu {own:.1f} img/s/core excluding inference; floor {floor:.1f} "
+            f"img/s/core; ratio {own / floor:.2f}")
     return 0
+
+
+def own_cpu(args: argparse.Namespace, result: dict[str, Any]) -> float:
+    """Print the pipeline's own CPU per stage (the process's CPU minus what torch modules'
+    forward passes took) at the largest pool; return pool images per own CPU-second of the
+    stages that see the pool (all but the filtering network's training)."""
+    big = args.sizes[-1]
+    rows = []
+    for stage in result["stages"]:
+        if stage["node"] == "train_filter_network":
+            continue
+        mine = stage["cpu"] - stage["inference_cpu"]
+        rows.append({"stage": stage["node"], "cpu": stage["cpu"], "inference": stage["inference_cpu"],
+                     "own": mine, "ms": mine / big * 1e3})
+    total = sum(r["own"] for r in rows)
+    rows.append({"stage": "pool stages", "cpu": sum(r["cpu"] for r in rows),
+                 "inference": sum(r["inference"] for r in rows), "own": total,
+                 "ms": total / big * 1e3})
+    print(f"\n## own CPU at {big} images ({args.image_size} px): user + system s, minus the "
+          f"forward passes of torch modules; floor: Pillow decode + one bicubic resize to "
+          f"{args.floor_size} px of the same JPEGs, {result['floor_ips']:.1f} img/s/core")
+    print_table(rows, [("stage", "stage", ""), ("cpu", "CPU s", ".2f"),
+                       ("inference", "inference CPU s", ".2f"), ("own", "own CPU s", ".2f"),
+                       ("ms", "own CPU ms / pool image", ".2f")])
+    return big / total if total > 0 else float("inf")
 
 
 if __name__ == "__main__":

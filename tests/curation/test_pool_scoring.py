@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 
 import numpy as np
 import polars as pl
@@ -12,7 +13,7 @@ from PIL import Image
 
 from aim_kedro.curation import pool_scoring
 from aim_kedro.curation.clip_models import load_clip_model
-from aim_kedro.curation.executors import LocalExecutor
+from aim_kedro.curation.executors import LocalExecutor, shard_tasks
 from aim_kedro.curation.index import IndexConfig, build_index, decode_selected
 from aim_kedro.curation.pool_scoring import score_index, score_tables
 from aim_kedro.curation.resume import ShardResultCache
@@ -124,3 +125,31 @@ def test_precomputed_scores_come_from_the_sidecar_column() -> None:
     assert scores["nsfw_score"].is_nan().all() and embeddings.height == 3
     with pytest.raises(ValueError, match="score_column='missing' is not a column of pool_index"):
         pool_scoring.precomputed_scores(index, "missing")
+
+
+def test_scoring_decodes_jpegs_at_the_scorers_input_size(tmp_path, scorer: ClipScorer) -> None:
+    big = [Image.fromarray(np.full((256, 192, 3), 40 * k, dtype=np.uint8)) for k in range(3)]
+    samples = []
+    for i, image in enumerate(big):
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        samples.append({"__key__": f"{i:03d}", "jpg": buffer.getvalue(), "txt": CAPTIONS[i],
+                        "json": {"uid": f"{i:032x}"}})
+    write_shards(samples, str(tmp_path / "pool"), samples_per_shard=3)
+    shards = ShardSet.open(str(tmp_path / "pool"))
+    index, _ = build_index(shards, IndexConfig(), progress=False)
+    task = shard_tasks(shards, index)[0]
+    sizes = [r[1].size for batch in pool_scoring.decode_batches(task, IndexConfig(), 8, 64)
+             for r in batch]
+    assert sizes == [(96, 128)] * 3  # 1/2: 1/4 would make the shorter side 48 < 64
+    full = [r[1].size for batch in pool_scoring.decode_batches(task, IndexConfig(), 8)
+            for r in batch]
+    assert full == [(192, 256)] * 3
+    reduced, _ = score_index(lambda: scorer, shards, index, IndexConfig(), 4, progress=False,
+                             decode_min_side=64)
+    plain, _ = score_index(lambda: scorer, shards, index, IndexConfig(), 4, progress=False)
+    assert np.allclose(reduced["clip_score"], plain["clip_score"], atol=0.02)
+    nsfw = pool_scoring.NsfwConfig()
+    key = pool_scoring.scorer_fingerprint(scorer, nsfw, 4)
+    assert pool_scoring.scorer_fingerprint(scorer, nsfw, 4, None) == key
+    assert pool_scoring.scorer_fingerprint(scorer, nsfw, 4, 64) != key

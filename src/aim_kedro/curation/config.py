@@ -46,7 +46,9 @@ class ScoringConfig:
     (null: each process's default), so both executors compute the same scores; a decision
     never hangs on a last bit anyway (``dedup.score_tolerance``). ``model: precomputed`` scores
     nothing: ``score_column`` names a column of the pool's parquet sidecars (DataComp's
-    ``clip_l14_similarity_score``) that becomes ``clip_score``.
+    ``clip_l14_similarity_score``) that becomes ``clip_score``. ``decode_min_side`` (the
+    scorer's input size) decodes JPEGs for scoring at the smallest DCT scale that keeps both
+    sides at least that (``io.decode.decode_image``); null decodes them at full size.
     """
 
     model: str = "filter_network"
@@ -59,6 +61,7 @@ class ScoringConfig:
     nsfw_prompts: tuple[str, ...] | None = None
     safe_prompts: tuple[str, ...] | None = None
     score_column: str | None = None
+    decode_min_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.model not in SCORING_MODELS:
@@ -75,6 +78,14 @@ class ScoringConfig:
             raise ValueError(
                 "curation.scoring.model_name is required with curation.scoring.model: open_clip "
                 "(e.g. ViT-L-14 with pretrained: dfn2b, or hf-hub:apple/DFN2B-CLIP-ViT-L-14)"
+            )
+        if self.decode_min_side is not None and (
+            isinstance(self.decode_min_side, bool) or not isinstance(self.decode_min_side, int)
+            or self.decode_min_side < 1
+        ):
+            raise ValueError(
+                f"curation.scoring.decode_min_side must be a size in pixels >= 1 or null, got "
+                f"{self.decode_min_side!r}; e.g. the scorer's input size, 224 for ViT-L-14"
             )
         if isinstance(self.batch_size, bool) or int(self.batch_size) < 1:
             raise ValueError(f"curation.scoring.batch_size must be >= 1, got {self.batch_size!r}")

@@ -19,10 +19,7 @@ from PIL import Image
 from aim_kedro.curation.index import (
     HASH_SCHEMA,
     IndexConfig,
-    color_grid,
-    crop_hashes,
-    perceptual_hash,
-    pixel_sha256,
+    image_hashes,
 )
 from aim_kedro.curation.matching import HashArrays, cosine_pairs, hash_pairs
 from aim_kedro.curation.reasons import EVAL_LEAK
@@ -57,12 +54,7 @@ def eval_records(
         except DecodeError:
             yield row, None
             continue
-        row.update(
-            sha256_pixels=pixel_sha256(image),
-            phash=perceptual_hash(image),
-            phash_crops=crop_hashes(image, cfg.crop_fractions),
-            color_grid=color_grid(image, cfg.color_grid_size),
-        )
+        row.update(image_hashes(image, cfg))
         yield row, image
 
 

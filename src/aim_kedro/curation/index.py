@@ -18,9 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import polars as pl
-import scipy.fft
 from PIL import Image
 
 from aim_kedro.curation.attempts import uid_list_reason, unreadable_rows, with_attempts
@@ -29,6 +27,14 @@ from aim_kedro.curation.executors import (
     LocalExecutor,
     ShardTask,
     shard_tasks,
+)
+from aim_kedro.curation.hashes import (
+    color_grid,
+    crop_boxes,
+    crop_hashes,
+    perceptual_hash,
+    phashes,
+    pixel_sha256,
 )
 from aim_kedro.curation.reasons import CORRUPT, DUPLICATE_UID, NO_CAPTION
 from aim_kedro.io.decode import DecodeError, decode_image
@@ -69,7 +75,7 @@ columns after these (``Sidecar.extra_columns``)."""
 @dataclass(frozen=True)
 class IndexConfig:
     """How the pool is read and decoded (``curation.index``): the decompression-bomb limit, the
-    caption cap, the hashes, strict JPEG decoding, retries of failed remote reads (``read_retries``
+    caption cap, the hashes (``fast_crop_hashes``: see ``hashes.phashes``), strict JPEG decoding, retries of failed remote reads (``read_retries``
     more tries, waiting ``read_backoff_s`` x 2^k), and ``uid_list``: a DataComp ``.npy`` (path or
     URL) that restricts the pool to its uids (others: ``not_in_uid_list``, not decoded)."""
 
@@ -77,6 +83,7 @@ class IndexConfig:
     max_caption_chars: int = 1_000
     crop_fractions: tuple[float, ...] = (0.05, 0.1)
     color_grid_size: int = 4
+    fast_crop_hashes: bool = False
     strict_decoding: bool = True
     read_retries: int = 3
     read_backoff_s: float = 1.0
@@ -98,6 +105,10 @@ class IndexConfig:
             raise type(exc)(f"curation.index.uid_list: {exc}") from exc
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fast_crop_hashes, bool):
+            raise ValueError(
+                f"curation.index.fast_crop_hashes must be true or false, got {self.fast_crop_hashes!r}"
+            )
         if not isinstance(self.strict_decoding, bool):
             raise ValueError(
                 f"curation.index.strict_decoding must be true or false, got {self.strict_decoding!r}"
@@ -138,51 +149,16 @@ class IndexConfig:
             )
 
 
-def perceptual_hash(image: Image.Image, hash_size: int = 8, highfreq_factor: int = 4) -> int:
-    """64-bit pHash: DCT of a 32x32 greyscale copy, low 8x8 block compared with its median."""
-    size = hash_size * highfreq_factor
-    grey = image.convert("L").resize((size, size), Image.Resampling.LANCZOS)
-    pixels = np.asarray(grey, dtype=np.float64)
-    dct = scipy.fft.dct(scipy.fft.dct(pixels, axis=0), axis=1)
-    low = dct[:hash_size, :hash_size]
-    bits = (low > np.median(low)).ravel()
-    return int.from_bytes(np.packbits(bits).tobytes(), "big")
-
-
-def crop_hashes(image: Image.Image, fractions: Iterable[float]) -> list[int]:
-    """pHashes of crops that cut each ``fraction`` of the width and height: the four corner
-    crops and the centre crop per fraction, each scaled back to the full size.
-
-    A copy cropped by a few percent and scaled back hashes close to one of these, while its
-    full-image pHash can be far from the original's.
-    """
-    width, height = image.size
-    hashes = []
-    for fraction in fractions:
-        cut_w, cut_h = fraction * width, fraction * height
-        keep_w, keep_h = width - cut_w, height - cut_h
-        for x, y in ((0, 0), (cut_w, 0), (0, cut_h), (cut_w, cut_h), (cut_w / 2, cut_h / 2)):
-            crop = image.crop((x, y, x + keep_w, y + keep_h))
-            hashes.append(perceptual_hash(crop.resize((width, height), Image.Resampling.BICUBIC)))
-    return hashes
-
-
-def color_grid(image: Image.Image, size: int = 4) -> bytes:
-    """Mean colour of each cell of a ``size`` x ``size`` grid, as ``size*size*3`` bytes.
-
-    A near copy keeps its colours where a different picture with the same shapes does not, so
-    this separates pHash matches that are true copies from look-alikes.
-    """
-    small = image.convert("RGB").resize((size, size), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.uint8).tobytes()
-
-
-def pixel_sha256(image: Image.Image) -> str:
-    """sha256 of the decoded RGB pixels (with the size), equal for lossless re-encodes."""
-    arr = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-    digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
-    digest.update(arr.tobytes())
-    return digest.hexdigest()
+def image_hashes(image: Image.Image, cfg: IndexConfig) -> dict[str, Any]:
+    """The ``HASH_SCHEMA`` columns of a decoded RGB image but ``sha256_bytes`` (what dedup and
+    the eval-leak check compare), each computed once."""
+    phash, crops = phashes(image, cfg.crop_fractions, cfg.fast_crop_hashes)
+    return {
+        "sha256_pixels": pixel_sha256(image),
+        "phash": phash,
+        "phash_crops": crops,
+        "color_grid": color_grid(image, cfg.color_grid_size),
+    }
 
 
 def sample_caption(sample: Sample, max_chars: int) -> tuple[str | None, str | None]:
@@ -258,10 +234,7 @@ def index_sample(
     row.update(
         width=image.width,
         height=image.height,
-        sha256_pixels=pixel_sha256(image),
-        phash=perceptual_hash(image),
-        phash_crops=crop_hashes(image, cfg.crop_fractions),
-        color_grid=color_grid(image, cfg.color_grid_size),
+        **image_hashes(image, cfg),
     )
     caption, why = sample_caption(sample, cfg.max_caption_chars)
     row["caption"] = caption
@@ -306,10 +279,11 @@ def empty_index() -> pl.DataFrame:
     return pl.DataFrame(schema=INDEX_SCHEMA)
 
 
-def decode_task(task: ShardTask, cfg: IndexConfig) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
-    """Decoded images of one shard task's rows (columns shard, position, key, ...), in shard
-    order; ``image`` is None when the bytes no longer decode. Raises ValueError when a sample's
-    key is not the one the table recorded (the shards changed since the index was built)."""
+def read_task(task: ShardTask, cfg: IndexConfig) -> Iterator[tuple[dict[str, Any], tuple[str, bytes] | None]]:
+    """The image members (extension, bytes; None when the sample has none) of one shard task's
+    rows (columns shard, position, key, ...), in shard order, not decoded. Raises ValueError
+    when a sample's key is not the one the table recorded (the shards changed since the index
+    was built)."""
     if task.rows is None or task.rows.height == 0:
         return
     name = task.name
@@ -327,16 +301,32 @@ def decode_task(task: ShardTask, cfg: IndexConfig) -> Iterator[tuple[dict[str, A
                     f"the index says {row.get('key')!r}: the pool changed since "
                     "pool_index was built; re-run build_pool_index"
                 )
-            found = image_bytes(sample)
-            image = None
-            if found is not None:
-                try:
-                    image = decode_image(found[1], cfg.max_image_pixels, strict=cfg.strict_decoding)
-                except DecodeError:
-                    image = None
-            yield row, image
+            yield row, image_bytes(sample)
         if position >= last:
             break
+
+
+def decode_member(
+    found: tuple[str, bytes] | None, cfg: IndexConfig, min_side: int | None = None
+) -> Image.Image | None:
+    """``decode_image`` of a ``read_task`` member as the index decoded it (a JPEG at reduced
+    scale with ``min_side``); None when there is none or it no longer decodes."""
+    if found is None:
+        return None
+    try:
+        return decode_image(found[1], cfg.max_image_pixels, strict=cfg.strict_decoding,
+                            min_side=min_side)
+    except DecodeError:
+        return None
+
+
+def decode_task(
+    task: ShardTask, cfg: IndexConfig, min_side: int | None = None
+) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
+    """Decoded images of one shard task's rows (``read_task``; ``min_side``: see
+    ``decode_image``), in shard order; ``image`` is None when the bytes no longer decode."""
+    for row, found in read_task(task, cfg):
+        yield row, decode_member(found, cfg, min_side)
 
 
 def decode_selected(
@@ -426,16 +416,21 @@ __all__ = [
     "IndexConfig",
     "build_index",
     "color_grid",
+    "crop_boxes",
     "crop_hashes",
+    "decode_member",
     "decode_selected",
     "decode_task",
     "empty_index",
     "index_records",
     "index_sample",
     "index_shard",
+    "image_hashes",
     "index_task",
     "mark_duplicate_uids",
     "perceptual_hash",
+    "phashes",
     "pixel_sha256",
+    "read_task",
     "sample_caption",
 ]

@@ -46,20 +46,27 @@ from aim_kedro.io.shards import ShardSet
 logger = logging.getLogger(__name__)
 
 
-def scorer_fingerprint(scorer: ClipScorer, nsfw: NsfwConfig, batch_size: int) -> str:
-    """Identity of everything a score depends on: weights, precision, device type, prompts and
-    batch size (batch composition can move float results in the last bits)."""
+def scorer_fingerprint(
+    scorer: ClipScorer, nsfw: NsfwConfig, batch_size: int, decode_min_side: int | None = None
+) -> str:
+    """Identity of everything a score depends on: weights, precision, device type, prompts,
+    batch size (batch composition can move float results in the last bits) and the reduced
+    decoding (none: the key of a full decode, as before it existed)."""
+    reduced = () if decode_min_side is None else (int(decode_min_side),)
     return fingerprint(
         tensors_fingerprint(scorer.model.state_dict()), scorer.precision, scorer.device.type,
-        nsfw.nsfw_prompts, nsfw.safe_prompts, int(batch_size),
+        nsfw.nsfw_prompts, nsfw.safe_prompts, int(batch_size), *reduced,
     )
 
 
-def decode_batches(task: ShardTask, index_cfg: IndexConfig, batch_size: int) -> Iterator[list[Record]]:
+def decode_batches(
+    task: ShardTask, index_cfg: IndexConfig, batch_size: int, min_side: int | None = None
+) -> Iterator[list[Record]]:
     """Stage function: the rows of one shard (uid, shard, position, key, caption) as
-    ``(uid, image, caption)`` records, in batches of ``batch_size`` (the last may be shorter)."""
+    ``(uid, image, caption)`` records, in batches of ``batch_size`` (the last may be shorter);
+    JPEGs decoded at reduced scale with ``min_side`` (``decode_image``)."""
     batch: list[Record] = []
-    for row, image in decode_task(task, index_cfg):
+    for row, image in decode_task(task, index_cfg, min_side):
         batch.append((row["uid"], image, row["caption"]))
         if len(batch) == batch_size:
             yield batch
@@ -94,6 +101,7 @@ def score_index(
     executor: Executor | None = None,
     want_gpu: bool = False,
     progress: bool = True,
+    decode_min_side: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Score the rows of ``index`` (columns uid, shard, position, key, caption) shard by shard.
 
@@ -111,7 +119,7 @@ def score_index(
     scorer = executor.model_here(make_scorer) if tasks else make_scorer()
     model_key = None
     if scorer is not None and cache is not None:
-        model_key = scorer_fingerprint(scorer, nsfw, batch_size)
+        model_key = scorer_fingerprint(scorer, nsfw, batch_size, decode_min_side)
     if cache is not None and model_key is None and tasks:
         logger.info("score pool: the per-shard cache is not used on %r", executor)
     results: dict[int, Mapping[str, np.ndarray]] = {}
@@ -126,7 +134,8 @@ def score_index(
     model = scorer.model_name if scorer is not None else None
     stage = ModelStage(
         make_scorer,
-        functools.partial(decode_batches, index_cfg=index_cfg, batch_size=batch_size),
+        functools.partial(decode_batches, index_cfg=index_cfg, batch_size=batch_size,
+                          min_side=decode_min_side),
         functools.partial(score_records, batch_size=batch_size, nsfw=nsfw),
         want_gpu=want_gpu,
     )

@@ -24,7 +24,7 @@ from aim_kedro.common.config import from_mapping
 from aim_kedro.curation.blur import blur_and_resize
 from aim_kedro.curation.executors import Executor, LocalExecutor, ShardTask, shard_tasks
 from aim_kedro.curation.faces import FaceDetector
-from aim_kedro.curation.index import IndexConfig, decode_task
+from aim_kedro.curation.index import IndexConfig, decode_member, decode_task, read_task
 from aim_kedro.io.shards import Sample, ShardSet, sample_json
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ FACE_SCHEMA: dict[str, pl.DataType] = {
 }
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+_EXIF_ORIENTATION = 0x0112
 ROW_FIELDS = frozenset({
     "uid", "shard", "key", "position", "caption", "clip_score", "nsfw_score", "dedup_cluster",
     "boxes", "face_count", "url",
@@ -95,6 +96,34 @@ def encode_image(image: Image.Image, image_format: str, quality: int = 95) -> by
     return buffer.getvalue()
 
 
+def same_size(size: tuple[int, int], cfg: SubsetConfig) -> bool:
+    """Whether ``resize_shorter_side`` leaves an image of ``size`` as it is."""
+    shorter = min(size)
+    return shorter == cfg.shorter_side or (cfg.only_if_bigger and shorter <= cfg.shorter_side)
+
+
+def reusable_bytes(found: tuple[str, bytes] | None, image_format: str) -> bytes | None:
+    """The source file's bytes when they can be written to the subset as they are: already in
+    ``image_format``, one frame, RGB or greyscale without transparency, no EXIF rotation, so
+    they decode (``decode_image``) to the very pixels a re-encode would start from; else None.
+    Reads the header only."""
+    if found is None:
+        return None
+    data = found[1]
+    try:
+        with Image.open(io.BytesIO(data)) as raw:
+            plain = (
+                raw.format == IMAGE_FORMATS[image_format]
+                and raw.mode in ("RGB", "L")
+                and "transparency" not in raw.info
+                and getattr(raw, "n_frames", 1) == 1
+                and raw.getexif().get(_EXIF_ORIENTATION, 1) == 1
+            )
+    except Exception:  # noqa: BLE001 - an unreadable header is simply not reused
+        return None
+    return data if plain else None
+
+
 def faces_task(
     task: ShardTask, detector: FaceDetector, index_cfg: IndexConfig
 ) -> tuple[pl.DataFrame, int]:
@@ -146,15 +175,20 @@ def detect_faces(
 
 
 def subset_sample(
-    row: Mapping[str, Any], image: Image.Image, boxes: Iterable[Iterable[int]], cfg: SubsetConfig
+    row: Mapping[str, Any], image: Image.Image, boxes: Iterable[Iterable[int]], cfg: SubsetConfig,
+    source: tuple[str, bytes] | None = None,
 ) -> Sample:
     """One subset sample: the image with faces blurred and resized, its caption and metadata.
+
+    An image that needs neither blur nor resize is written as its ``source`` bytes where they
+    can be (``reusable_bytes``), not re-encoded: same pixels, none of a lossy re-encode's loss.
 
     ``row`` has uid, caption, clip_score, nsfw_score, dedup_cluster, shard, key, url and the
     pool's extra columns (carried into the json by name).
     """
     boxes = [tuple(int(v) for v in box) for box in boxes]
-    out, out_boxes = blur_and_resize(
+    reused = None if boxes or not same_size(image.size, cfg) else reusable_bytes(source, cfg.image_format)
+    out, out_boxes = (image, []) if reused is not None else blur_and_resize(
         image,
         boxes,
         cfg.shorter_side,
@@ -181,7 +215,7 @@ def subset_sample(
                 or value is None else str(value)
     return {
         "__key__": str(row["uid"]),
-        cfg.image_format: encode_image(out, cfg.image_format, cfg.quality),
+        cfg.image_format: reused if reused is not None else encode_image(out, cfg.image_format, cfg.quality),
         "txt": row["caption"],
         "json": meta,
     }
@@ -190,11 +224,12 @@ def subset_sample(
 def subset_task(task: ShardTask, cfg: SubsetConfig, index_cfg: IndexConfig) -> Iterator[Sample]:
     """Stage function: the subset samples of one shard task's rows (see ``iter_subset``); a row
     whose image no longer decodes is skipped with a warning."""
-    for row, image in decode_task(task, index_cfg):
+    for row, found in read_task(task, index_cfg):
+        image = decode_member(found, index_cfg)
         if image is None:
             logger.warning("dfn_subset: %s no longer decodes, skipped", row["uid"])
             continue
-        yield subset_sample(row, image, row.get("boxes") or [], cfg)
+        yield subset_sample(row, image, row.get("boxes") or [], cfg, found)
 
 
 def iter_subset(
@@ -295,6 +330,8 @@ __all__ = [
     "faces_task",
     "iter_subset",
     "resize_note",
+    "reusable_bytes",
+    "same_size",
     "subset_sample",
     "subset_task",
 ]

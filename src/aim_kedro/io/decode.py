@@ -134,8 +134,14 @@ def sniff_format(data: bytes) -> str:
     return "image"
 
 
-def decode_image(data: bytes, max_pixels: int | None = None, strict: bool = True) -> Image.Image:
+def decode_image(
+    data: bytes, max_pixels: int | None = None, strict: bool = True, min_side: int | None = None
+) -> Image.Image:
     """Decode image bytes to an upright RGB image (EXIF orientation applied, first frame).
+
+    ``min_side``: for a stage that needs a small image, a JPEG is decoded at the smallest DCT
+    scale (1/2, 1/4, 1/8, Pillow's ``draft``) that keeps both sides >= ``min_side``; other
+    formats, and None, decode at full size.
 
     Raises ``DecodeError`` whose message names what is wrong: "zero-byte image", "cannot identify
     image", "decompression bomb N px", "truncated jpeg: ...", "corrupt jpeg: Corrupt JPEG data:
@@ -156,6 +162,8 @@ def decode_image(data: bytes, max_pixels: int | None = None, strict: bool = True
             if limit is not None and image.width * image.height > limit:
                 raise DecodeError(f"decompression bomb {image.width * image.height} px")
             image.seek(0)
+            if min_side is not None and fmt == "jpeg":
+                image.draft(image.mode, (int(min_side), int(min_side)))
             image.load()
             if strict and fmt in ("jpeg", "mpo"):
                 check_jpeg_data(data)

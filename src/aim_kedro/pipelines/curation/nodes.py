@@ -131,7 +131,7 @@ def score_pool(
         block(IndexConfig, index), run_on.scoring_batch_size or s.batch_size,
         s.nsfw(nsfw_threshold), cache=clip_score_cache,
         executor=make_executor(run_on, check_progress(progress)), want_gpu=s.device != "cpu",
-        progress=progress,
+        progress=progress, decode_min_side=s.decode_min_side,
     )
     scores, embeddings = score_tables(result)
     summary.update(scored=scores.height, embed_dim=int(result["image_emb"].shape[1]),
