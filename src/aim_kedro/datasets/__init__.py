@@ -1,11 +1,12 @@
 """Kedro datasets that the catalog names: shard folders, image folders, model checkpoints, the
-pre-training run directory and work caches."""
+pre-training run directory, work caches and the extra evaluation sets of the leak check."""
 
 from aim_kedro.datasets.checkpoints import (
     AIMCheckpointDataset,
     CheckpointSeriesDataset,
     StateDictDataset,
 )
+from aim_kedro.datasets.eval_sets import EvalSetsDataset
 from aim_kedro.datasets.image_folder import ImageFolderDataset
 from aim_kedro.datasets.pretraining_run import PretrainingRunDataset
 from aim_kedro.datasets.webdataset_shards import WebDatasetShards
@@ -14,6 +15,7 @@ from aim_kedro.datasets.work_cache import ShardResultCacheDataset
 __all__ = [
     "AIMCheckpointDataset",
     "CheckpointSeriesDataset",
+    "EvalSetsDataset",
     "ImageFolderDataset",
     "PretrainingRunDataset",
     "ShardResultCacheDataset",
