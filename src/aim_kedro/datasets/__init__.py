@@ -1,5 +1,6 @@
 """Kedro datasets that the catalog names: shard folders, image folders, model checkpoints, the
-pre-training run directory, work caches and the extra evaluation sets of the leak check."""
+pre-training run directory, work caches, DataComp uid lists and the extra evaluation sets of the leak
+check."""
 
 from aim_kedro.datasets.checkpoints import (
     AIMCheckpointDataset,
@@ -9,6 +10,7 @@ from aim_kedro.datasets.checkpoints import (
 from aim_kedro.datasets.eval_sets import EvalSetsDataset
 from aim_kedro.datasets.image_folder import ImageFolderDataset
 from aim_kedro.datasets.pretraining_run import PretrainingRunDataset
+from aim_kedro.datasets.uid_list import UidListDataset
 from aim_kedro.datasets.webdataset_shards import WebDatasetShards
 from aim_kedro.datasets.work_cache import ShardResultCacheDataset
 
@@ -20,5 +22,6 @@ __all__ = [
     "PretrainingRunDataset",
     "ShardResultCacheDataset",
     "StateDictDataset",
+    "UidListDataset",
     "WebDatasetShards",
 ]
