@@ -53,8 +53,10 @@ from _dedup_pool import FAMILIES, BenchPool, build_bench_pool, encode_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 
-REAL_POOL: dict[str, dict[str, Any]] = {
-    "verify": {"min_coverage": 0.0},
+REAL_POOL: dict[str, Any] = {
+    "copy_detection": True,
+    "eval_copy_detection": True,
+    "verify": {"min_coverage": 0.0, "min_correlation": 0.5},
     "candidates": {"k": 10, "background_rank": 10, "min_similarity": 0.5, "margin": 0.0},
 }
 """The real-pool values that conf/base/parameters_curation.yml gives in its comments, where
@@ -92,8 +94,11 @@ def dedup_params(which: str, steps: int | None, threads: int | None) -> dict[str
     base = yaml.safe_load((REPO / "conf/base/parameters_curation.yml").read_text())["curation"]
     params = copy.deepcopy(base["dedup"])
     if which == "real":
-        for block, values in REAL_POOL.items():
-            params[block].update(values)
+        for key, value in REAL_POOL.items():
+            if isinstance(value, dict):
+                params[key].update(value)
+            else:
+                params[key] = value
     if steps is not None:
         params["descriptor"]["steps"] = steps
     if threads is not None:
@@ -215,11 +220,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from aim_kedro.curation.config import block
     from aim_kedro.curation.copydetect import load_describer, train_copy_detector
-    from aim_kedro.curation.dedup import DedupConfig, dedup_pool, deduplicate, pool_loader
+    from aim_kedro.curation.dedup import DedupConfig, dedup_pool, deduplicate
     from aim_kedro.curation.describe import (
         aligned_descriptors,
         describable,
         describe_index,
+        pool_loader,
         training_images,
     )
     from aim_kedro.curation.eval_leaks import eval_index, eval_loader

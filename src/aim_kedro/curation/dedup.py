@@ -19,19 +19,17 @@ the smallest uid among them wins.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import polars as pl
-from PIL import Image
 
 from aim_kedro.common.config import from_mapping
 from aim_kedro.curation.copydetect import DescriptorConfig
 from aim_kedro.curation.eval_leaks import EVAL_LEAK, eval_matches
 from aim_kedro.curation.filters import DECISION_SCHEMA
-from aim_kedro.curation.index import IndexConfig, decode_selected
 from aim_kedro.curation.matching import (
     CandidateConfig,
     HashArrays,
@@ -44,7 +42,6 @@ from aim_kedro.curation.matching import (
 )
 from aim_kedro.curation.reasons import DUPLICATE
 from aim_kedro.curation.verify import ImageLoader, VerifyConfig, VerifyStats, verify_candidates
-from aim_kedro.io.shards import ShardSet
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +66,10 @@ class DedupConfig:
     within ``crop_phash_radius`` bits of the other's pHash, and (if ``max_color_distance`` is
     set) their colour grids differ by at most that RMS distance (0-255 scale); or when their
     image embeddings reach cosine ``embedding_threshold``. The ``eval_*`` rules decide in the
-    same way when a pool sample leaks a test image. With ``copy_detection``, pairs that the
+    same way when a pool sample leaks a test image. With ``copy_detection`` (pool against
+    itself) and ``eval_copy_detection`` (pool against the evaluation sets), pairs that the
     ``descriptor`` proposes (``candidates``) and pHash matches with disagreeing colours are
-    copies when ``verify`` confirms them, for the pool and for the evaluation sets alike.
+    copies when ``verify`` confirms them.
     Inside a cluster, the candidates whose clip_score is within ``score_tolerance`` of the best
     are tied and the smallest uid wins. The report lists the ``report_clusters`` largest
     clusters with the kinds of match that joined them (all are in ``dedup_decisions``).
@@ -88,7 +86,8 @@ class DedupConfig:
     eval_max_color_distance: float | None = 15.0
     eval_embedding_threshold: float | None = None
     score_tolerance: float = 1.0e-4
-    copy_detection: bool = True
+    copy_detection: bool = False
+    eval_copy_detection: bool = True
     descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
@@ -124,10 +123,11 @@ class DedupConfig:
                 f"curation.dedup.score_tolerance must be a clip_score difference in [0, 1), got "
                 f"{tolerance!r}; e.g. 1.0e-4 (scores closer than that are tied, smallest uid wins)"
             )
-        if not isinstance(self.copy_detection, bool):
-            raise ValueError(
-                f"curation.dedup.copy_detection must be true or false, got {self.copy_detection!r}"
-            )
+        for name in ("copy_detection", "eval_copy_detection"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"curation.dedup.{name} must be true or false, got {getattr(self, name)!r}"
+                )
         for name, cls in (("descriptor", DescriptorConfig), ("candidates", CandidateConfig),
                           ("verify", VerifyConfig)):
             value = getattr(self, name)
@@ -141,6 +141,11 @@ class DedupConfig:
             raise ValueError(
                 f"curation.dedup.report_clusters must be an integer >= 0, got {self.report_clusters!r}"
             )
+
+    @property
+    def describes(self) -> bool:
+        """Whether copy descriptors are needed (pool or evaluation-set copy detection)."""
+        return self.copy_detection or self.eval_copy_detection
 
     @property
     def needs_embeddings(self) -> bool:
@@ -242,19 +247,6 @@ def dedup_pool(
             candidate=pl.col("index_reason").is_null() & pl.col("filter_reason").is_null()
         )
     )
-
-
-def pool_loader(shards: ShardSet, pool: pl.DataFrame, index_cfg: IndexConfig) -> ImageLoader:
-    """An ``ImageLoader`` of ``pool`` rows (columns shard, position, key): each call decodes
-    the wanted rows from ``shards``, shard by shard."""
-    located = pool.select("shard", "position", "key").with_row_index("_row")
-
-    def load(rows: Sequence[int]) -> Iterator[tuple[int, Image.Image | None]]:
-        wanted = located[sorted(int(r) for r in rows)]
-        for row, image in decode_selected(shards, wanted, index_cfg):
-            yield int(row["_row"]), image
-
-    return load
 
 
 def pool_embeddings(pool: pl.DataFrame, clip_embeddings: pl.DataFrame) -> np.ndarray:
@@ -400,7 +392,7 @@ def deduplicate(
         "eval_matches_by_kind": _counts(h for h in leak_how if h is not None),
         **cluster_kinds(edges, cluster_id, sizes[roots], cfg.report_clusters),
     }
-    if cfg.copy_detection:
+    if cfg.describes:
         summary["copy_detection"] = {"pool": copy_stats, "eval": eval_stats}
     return out, summary
 
@@ -443,5 +435,4 @@ __all__ = [
     "deduplicate",
     "match_pairs",
     "pool_embeddings",
-    "pool_loader",
 ]

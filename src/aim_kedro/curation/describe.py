@@ -5,7 +5,8 @@ for ``copydetect.train_copy_detector``. ``describe_index`` is the per-shard desc
 the run's executor, one decode per sample: ``describe_batches`` (CPU: a shard's rows decoded,
 border-trimmed and squashed to the descriptor's size, in batches) and ``describe_records``
 (the model: ``Describer.describe_tensor``), so Ray runs the model in actors as it does the CLIP
-scorer. ``descriptor_table`` / ``aligned_descriptors`` store and align the result.
+scorer. ``descriptor_table`` / ``aligned_descriptors`` store and align the result;
+``pool_loader`` decodes the pool rows that verification compares.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
+from PIL import Image
 
 from aim_kedro.curation.copydetect import Describer, DescriptorConfig, to_tensor
 from aim_kedro.curation.executors import Executor, LocalExecutor, ModelStage, ShardTask, shard_tasks
 from aim_kedro.curation.index import IndexConfig, decode_selected, decode_task
+from aim_kedro.curation.verify import ImageLoader
 from aim_kedro.io.shards import ShardSet
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,19 @@ def training_images(
         rows = rows[pick.tolist()]
     images = [image for _, image in decode_selected(shards, rows, index_cfg) if image is not None]
     return to_tensor(images, cfg.image_size)
+
+
+def pool_loader(shards: ShardSet, pool: pl.DataFrame, index_cfg: IndexConfig) -> ImageLoader:
+    """An ``ImageLoader`` of ``pool`` rows (columns shard, position, key) for verification:
+    each call decodes the wanted rows from ``shards``, shard by shard."""
+    located = pool.select("shard", "position", "key").with_row_index("_row")
+
+    def load(rows: Sequence[int]) -> Iterator[tuple[int, Image.Image | None]]:
+        wanted = located[sorted(int(r) for r in rows)]
+        for row, image in decode_selected(shards, wanted, index_cfg):
+            yield int(row["_row"]), image
+
+    return load
 
 
 def describe_batches(
@@ -139,5 +155,6 @@ __all__ = [
     "describe_index",
     "describe_records",
     "descriptor_table",
+    "pool_loader",
     "training_images",
 ]

@@ -205,7 +205,7 @@ def eval_matches(
     stats: dict[str, Any] | None = None,
 ) -> tuple[list[str | None], list[str | None]]:
     """For every pool row, the eval_id it leaks (or None) and how it matched. With
-    ``cfg.copy_detection``, pool rows that no cheap rule matched are verified against their
+    ``cfg.eval_copy_detection``, pool rows that no cheap rule matched are verified against their
     descriptor candidates among the test images (and pHash matches whose colours disagree);
     ``stats`` (when given) receives what that stage did."""
     n = pool.height
@@ -253,11 +253,11 @@ def eval_matches(
             j[order],
             f"embedding cosine >= {cfg.eval_embedding_threshold:g}",
         )
-    if cfg.copy_detection and len(rows_valid) and len(eval_valid):
+    if cfg.eval_copy_detection and len(rows_valid) and len(eval_valid):
         if descriptors is None or eval_descriptors is None or images is None or eval_images is None:
             raise ValueError(
-                "curation.dedup.copy_detection needs the pool's and the evaluation images' "
-                "descriptors and images; pass them, or set copy_detection: false"
+                "curation.dedup.eval_copy_detection needs the pool's and the evaluation images' "
+                "descriptors and images; pass them, or set eval_copy_detection: false"
             )
         i, j, sim = knn_pairs(descriptors[rows_valid], cfg.candidates, eval_descriptors[eval_valid])
         ci = np.concatenate([misses[0], rows_valid[i]])

@@ -269,7 +269,7 @@ class CandidateConfig:
 
     k: int = 10
     min_similarity: float = 0.5
-    margin: float = 0.0
+    margin: float = 0.03
     background_rank: int = 10
     accept_similarity: float = 0.98
     exact_below: int = 200_000

@@ -70,7 +70,7 @@ class VerifyConfig:
     reprojection: float = 5.0
     contain: float = 0.8
     min_coverage: float = 0.5
-    min_correlation: float = 0.5
+    min_correlation: float = 0.98
     dense_correlation: float = 0.9
     dense_changed: float = 0.05
     dense_keypoints: int = 50

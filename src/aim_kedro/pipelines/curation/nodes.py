@@ -34,12 +34,12 @@ from aim_kedro.curation.dedup import (
     dedup_pool,
     deduplicate,
     pool_embeddings,
-    pool_loader,
 )
 from aim_kedro.curation.describe import (
     aligned_descriptors,
     describable,
     describe_index,
+    pool_loader,
     training_images,
 )
 from aim_kedro.curation.eval_leaks import eval_index, eval_loader
@@ -175,8 +175,8 @@ def train_copy_detector_node(
     checkpoint then records why it is empty)."""
     cfg = block(DedupConfig, dedup)
     start = time.perf_counter()
-    if not cfg.copy_detection or not cfg.descriptor.trains:
-        why = "copy_detection is off" if not cfg.copy_detection else f"uses {cfg.descriptor.path}"
+    if not cfg.describes or not cfg.descriptor.trains:
+        why = "copy detection is off" if not cfg.describes else f"uses {cfg.descriptor.path}"
         logger.info("train_copy_detector: skipped, curation.dedup %s", why)
         return {"config": {"skipped": True, "reason": why}, "state_dict": {},
                 "metadata": {"skipped": True, "seconds": 0.0}}
@@ -197,7 +197,7 @@ def describe_pool(
     cfg = block(DedupConfig, dedup)
     start = time.perf_counter()
     training = dict((copy_detector or {}).get("metadata") or {})
-    if not cfg.copy_detection:
+    if not cfg.describes:
         table = pl.DataFrame(schema={"uid": pl.String(), "descriptor": pl.Array(pl.Float16(), 1)})
         return table, {"described": 0, "skipped": True, "copy_detector": training, "seconds": 0.0}
     make = functools.partial(load_describer, cfg.descriptor, copy_detector)
@@ -241,10 +241,10 @@ def deduplicate_pool(
     if cfg.eval_embedding_threshold is not None:
         scorer = block(ScoringConfig, scoring).loader(filter_network)()
     sets = {"probe_test": probe_test, **(eval_leak_sets or {})}
-    describer = load_describer(cfg.descriptor, copy_detector) if cfg.copy_detection else None
+    describer = load_describer(cfg.descriptor, copy_detector) if cfg.describes else None
     evals = eval_index(sets, index_cfg, scorer, describer)
     copy_inputs: dict[str, Any] = {}
-    if cfg.copy_detection:
+    if cfg.describes:
         copy_inputs = {"descriptors": aligned_descriptors(pool["uid"], copy_descriptors),
                        "eval_descriptors": evals.descriptors,
                        "images": pool_loader(raw_pool, pool, index_cfg),
