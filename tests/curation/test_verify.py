@@ -8,7 +8,7 @@ import pytest
 from conftest import scene_picture
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from aim_kedro.curation.index import border_box, trim_borders
+from aim_kedro.curation.borders import border_box, trim_borders
 from aim_kedro.curation.verify import (
     VerifyConfig,
     VerifyStats,

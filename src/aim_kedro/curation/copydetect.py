@@ -28,8 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aim_kedro.common.training import cpu_threads, param_groups, warmup_cosine
+from aim_kedro.curation.borders import trim_borders
 from aim_kedro.curation.copy_augment import augment, text_masks
-from aim_kedro.curation.index import trim_borders
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from aim_kedro.common.config import from_mapping
-from aim_kedro.curation.index import trim_borders
+from aim_kedro.curation.borders import trim_borders
 
 FEATURES = ("sift", "orb")
 DENSE_SIZE = 32

@@ -103,6 +103,10 @@ def test_parameters_validate_and_name_the_fix() -> None:
         validate_curation_params({**PARAMS, "faces": {"detector": {"kind": "magic"}}})
     with pytest.raises(ValueError, match="curation.filter_network.epochs"):
         validate_curation_params({**PARAMS, "filter_network": {"epochs": 0}})
+    missing = copy.deepcopy(PARAMS)
+    missing["dedup"]["descriptor"]["path"] = "/nonexistent/sscd_disc_mixup.torchscript.pt"
+    with pytest.raises(FileNotFoundError, match=r"curation\.dedup\.descriptor\.path"):
+        validate_curation_params(missing)
 
 
 # --- a tiny synthetic pool, run through the whole pipeline on the real catalog types ---------
