@@ -136,6 +136,7 @@ def metrics(bench: BenchPool, decisions: pl.DataFrame, eval_ids: dict[str, str])
     info = {item.uid: item for item in bench.pool}
     rows = {uid: (cluster, reason, eval_id) for uid, cluster, reason, eval_id in
             decisions.select("uid", "dedup_cluster", "reject_reason", "eval_id").iter_rows()}
+    kinds = dict(decisions.select("uid", "match_kind").iter_rows())
     recall: dict[str, list[bool]] = {}
     leaks: dict[str, list[bool]] = {}
     members: dict[int, list[str]] = {}
@@ -157,6 +158,7 @@ def metrics(bench: BenchPool, decisions: pl.DataFrame, eval_ids: dict[str, str])
 
     distinct = [u for u, item in info.items() if item.role == "distinct"]
     false_distinct = template = 0
+    false_by: dict[str, int] = {}
     for uid in distinct:
         cluster = rows[uid][0]
         if cluster is None:
@@ -169,6 +171,8 @@ def metrics(bench: BenchPool, decisions: pl.DataFrame, eval_ids: dict[str, str])
                 template += 1
             else:
                 false_distinct += 1
+                why = f"{uid.split('-')[0]} joined by {kinds.get(uid)}"
+                false_by[why] = false_by.get(why, 0) + 1
     pairs: dict[str, dict[str, list[str]]] = {}
     for uid, item in info.items():
         if item.role == "hard_negative":
@@ -178,7 +182,8 @@ def metrics(bench: BenchPool, decisions: pl.DataFrame, eval_ids: dict[str, str])
     not_leaks = [u for u, item in info.items() if item.role != "leak"]
     false_leaks = sum(rows[u][1] == "eval_leak" for u in not_leaks)
     return {"recall": recall, "leaks": leaks, "distinct": len(distinct),
-            "false_distinct": false_distinct, "template_joined": template, "hard": hard,
+            "false_distinct": false_distinct, "false_by": dict(sorted(false_by.items())),
+            "template_joined": template, "hard": hard,
             "false_leaks": false_leaks, "not_leaks": len(not_leaks)}
 
 
@@ -311,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print_table(fp_rows, [("what", "false positives", ""), ("count", "count", "d"),
                           ("of", "of", "d"), ("pct", "%", ".2f")])
+    print(f"# false positives on distinct images (source kind, match kind): {figures['false_by']}")
     print()
     per10k = 1e4 / n
     print_table([{"stage": k, "cpu_s": v, "per10k": v * per10k} for k, v in cpu.items()],
