@@ -123,11 +123,16 @@ TINY_FILTER_NETWORK = {
 }
 
 
+TINY_DESCRIPTOR = {"image_size": 32, "dim": 16, "widths": [8, 16], "steps": 3, "batch_size": 8}
+"""A copy detector that trains in a second (curation.dedup.descriptor overrides)."""
+
+
 def curation_params(**filters) -> dict:
-    """conf/base's curation parameters with a tiny filter network, no progress bars, and
-    ``filters`` overrides (a copy: tests may change it)."""
+    """conf/base's curation parameters with a tiny filter network and copy detector, no
+    progress bars, and ``filters`` overrides (a copy: tests may change it)."""
     conf = yaml.safe_load((PROJECT / "conf/base/parameters_curation.yml").read_text())["curation"]
     conf.update(progress=False, filter_network=dict(TINY_FILTER_NETWORK))
+    conf["dedup"]["descriptor"].update(TINY_DESCRIPTOR)
     conf["filters"].update(filters)
     return conf
 
@@ -166,6 +171,7 @@ def curation_catalog(root: Path, inputs: dict[str, str], truth: str | None = Non
         conf[name] = entry
     for name in ("raw_pool", "probe_test", "trusted_pairs"):
         conf[name] = {"type": "aim_kedro.datasets.WebDatasetShards", "filepath": inputs[name]}
+    conf["eval_leak_sets"] = dict(entries["eval_leak_sets"])  # none besides probe_test
     catalog = DataCatalog.from_config(conf)
     catalog["sample_truth"] = pl.read_parquet(truth) if truth else None
     return catalog
@@ -185,6 +191,32 @@ def noise_png(seed: int, size: int = 64) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def scene_picture(seed: int, size: int = 256):
+    """A detailed random RGB picture (coloured shapes and lines on a gradient: keypoints to
+    match) as a PIL image, distinct per seed; for copy-detection tests."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0.3, 1, size)
+    base = (ramp[None, :, None] + ramp[:, None, None]) / 2 * rng.integers(80, 200, 3)
+    noisy = base + rng.normal(0, 6, (size, size, 3))
+    canvas = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(40):
+        x0, y0 = (int(v) for v in rng.integers(0, size, 2))
+        w, h = (int(v) for v in rng.integers(size // 16, size // 4, 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        shape = int(rng.integers(0, 3))
+        if shape == 0:
+            draw.rectangle((x0, y0, x0 + w, y0 + h), fill=colour)
+        elif shape == 1:
+            draw.ellipse((x0, y0, x0 + w, y0 + h), fill=colour)
+        else:
+            draw.line((x0, y0, x0 + w, y0 + h), fill=colour, width=3)
+    return canvas
 
 
 def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: float,

@@ -39,7 +39,13 @@ def test_defaults_are_those_of_conf_base() -> None:
         if name != "executor":  # conf/base names only the kind; conf/ray the rest
             assert set(values) == fields, name
         for key, value in values.items():
-            assert _plain(getattr(getattr(defaults, name), key)) == value, f"{name}.{key}"
+            default = getattr(getattr(defaults, name), key)
+            if dataclasses.is_dataclass(default):  # a nested block: curation.dedup.verify
+                assert set(value) == {f.name for f in dataclasses.fields(default)}, key
+                for sub, subvalue in value.items():
+                    assert _plain(getattr(default, sub)) == subvalue, f"{name}.{key}.{sub}"
+            else:
+                assert _plain(default) == value, f"{name}.{key}"
     assert validate_curation_params(BASE) == defaults
 
 

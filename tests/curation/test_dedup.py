@@ -54,6 +54,11 @@ def _pool(entries: list[tuple[str, bytes, float, bool]]) -> pl.DataFrame:
     )
 
 
+FIRST_PASS = DedupConfig(copy_detection=False, eval_copy_detection=False)
+"""The cheap first pass alone (exact hashes, pHash, colour): copy detection is tested in
+test_dedup_copies.py."""
+
+
 def _no_eval() -> pl.DataFrame:
     return pl.DataFrame(schema=EVAL_SCHEMA)
 
@@ -74,7 +79,7 @@ def test_clusters_keep_the_best_surviving_member() -> None:
             ("other", _encode(other), 0.2, True),
         ]
     )
-    out, summary = deduplicate(pool, None, _no_eval(), None, DedupConfig())
+    out, summary = deduplicate(pool, None, _no_eval(), None, FIRST_PASS)
     by = {r["uid"]: r for r in out.iter_rows(named=True)}
     cluster = by["orig"]["dedup_cluster"]
     assert cluster is not None and by["other"]["dedup_cluster"] is None
@@ -95,9 +100,10 @@ def test_look_alikes_in_other_colours_are_not_duplicates() -> None:
     blue = Image.fromarray((np.stack([grey * 0, grey * 0, grey], -1) * 255).astype(np.uint8))
     pool = _pool([("red", _encode(red), 0.5, True), ("blue", _encode(blue), 0.4, True)])
     assert hamming_distance(pool["phash"][0], pool["phash"][1]) <= 4
-    out, _ = deduplicate(pool, None, _no_eval(), None, DedupConfig())
+    out, _ = deduplicate(pool, None, _no_eval(), None, FIRST_PASS)
     assert out["dedup_cluster"].to_list() == [None, None]
-    loose, _ = deduplicate(pool, None, _no_eval(), None, DedupConfig(max_color_distance=None))
+    loose, _ = deduplicate(pool, None, _no_eval(), None,
+                           DedupConfig(copy_detection=False, max_color_distance=None))
     assert loose["reject_reason"].to_list() == [None, "duplicate"]
 
 
@@ -115,7 +121,7 @@ def test_eval_leaks_are_rejected_before_clustering() -> None:
             ("leak_filtered", _encode(test_image), 0.1, False),
         ]
     )
-    out, summary = deduplicate(pool, None, eval_table, None, DedupConfig())
+    out, summary = deduplicate(pool, None, eval_table, None, FIRST_PASS)
     assert out["reject_reason"].to_list() == ["eval_leak", "eval_leak", None, None]
     assert out["eval_id"].to_list() == ["digits-0007", "digits-0007", None, "digits-0007"]
     assert "digits-0007" in out["reject_detail"][0]
@@ -131,7 +137,8 @@ def test_embedding_rule_and_undecodable_rows() -> None:
     )
     pool = pl.concat([pool, broken])
     emb = np.array([[1.0, 0.0], [0.999, 0.04], [1.0, 0.0]], dtype=np.float16)
-    cfg = DedupConfig(phash_radius=None, crop_phash_radius=None, embedding_threshold=0.99)
+    cfg = DedupConfig(phash_radius=None, crop_phash_radius=None, embedding_threshold=0.99,
+                      copy_detection=False)
     out, _ = deduplicate(pool, emb, _no_eval(), None, cfg)
     assert out["reject_reason"].to_list() == [None, "duplicate", None]
     assert out["dedup_cluster"][2] is None
@@ -158,7 +165,7 @@ def test_a_last_bit_change_of_one_score_never_changes_which_copy_is_kept() -> No
     for first, second in ((0.5, 0.5 + 1e-7), (0.5 + 1e-7, 0.5), (0.5, 0.5 - 1e-7)):
         for order in ((("b", first), ("a", second)), (("a", second), ("b", first))):
             pool = _pool([(uid, image, score, True) for uid, score in order])
-            out, _ = deduplicate(pool, None, _no_eval(), None, DedupConfig())
+            out, _ = deduplicate(pool, None, _no_eval(), None, FIRST_PASS)
             survivors = out.filter(pl.col("reject_reason").is_null())["uid"].to_list()
             assert len(survivors) == 1
             kept.add(survivors[0])

@@ -30,18 +30,19 @@ def test_eval_index_hashes_every_test_image_and_embeds_when_asked(
     tmp_path, scorer: ClipScorer
 ) -> None:
     probe = _probe(tmp_path)
-    table, embeddings = eval_index(probe, IndexConfig())
+    found = eval_index(probe, IndexConfig())
+    table, embeddings = found.table, found.embeddings
     assert table.schema == pl.Schema(EVAL_SCHEMA) and embeddings is None
     assert table["eval_id"].to_list() == ["digits-0007", "shard-000000.tar/t1", "digits-0008"]
     assert table["phash"].is_null().to_list() == [False, True, False]
     assert table["sha256_bytes"].null_count() == 0  # undecodable bytes still hash
-    table, embeddings = eval_index(probe, IndexConfig(), scorer)
+    embeddings = eval_index(probe, IndexConfig(), scorer).embeddings
     assert embeddings.shape == (3, scorer.embed_dim) and embeddings.dtype == np.float16
     assert not embeddings[1].any() and embeddings[0].any() and embeddings[2].any()
 
 
 def test_eval_matches_name_the_leaked_image_and_how(tmp_path) -> None:
-    table, _ = eval_index(_probe(tmp_path), IndexConfig())
+    table = eval_index(_probe(tmp_path), IndexConfig()).table
     jpeg = io.BytesIO()
     Image.open(io.BytesIO(noise_png(8))).convert("RGB").save(jpeg, "JPEG", quality=95)
     rows = [
@@ -50,8 +51,9 @@ def test_eval_matches_name_the_leaked_image_and_how(tmp_path) -> None:
                                        ("clean", noise_png(9))])
     ]
     pool = pl.DataFrame(rows, schema=INDEX_SCHEMA)
-    found, how = eval_matches(pool, None, table, None, DedupConfig())
+    found, how = eval_matches(pool, None, table, None, DedupConfig(eval_copy_detection=False))
     assert found == ["digits-0007", "digits-0008", None]
     assert how[0] == "same sha256_bytes" and how[1] == "perceptual hash" and how[2] is None
-    off = DedupConfig(eval_exact=False, eval_phash_radius=None, eval_crop_phash_radius=None)
+    off = DedupConfig(eval_exact=False, eval_phash_radius=None, eval_crop_phash_radius=None,
+                      eval_copy_detection=False)
     assert eval_matches(pool, None, table, None, off)[0] == [None, None, None]

@@ -240,6 +240,8 @@ def validate_curation_params(params: Mapping[str, Any]) -> CurationConfig:
     _check_subset_size(blocks["filters"], blocks["subset"])
     if blocks["index"].uid_list is not None:
         blocks["index"].load_uid_list()
+    if blocks["dedup"].describes:
+        blocks["dedup"].descriptor.check_path()  # a pretrained descriptor's file must exist
     return CurationConfig(progress=check_progress(params.get("progress", True)), **blocks)
 
 

@@ -1,15 +1,20 @@
-"""Pool samples that leak an image of the evaluation test set.
+"""Pool samples that leak an image of an evaluation set.
 
-``eval_index`` hashes the test images exactly as the pool index hashes pool samples (and embeds
-them when a rule compares embeddings); ``eval_matches`` finds, for every pool row, the test
-image it copies: equal bytes or pixels, near pHashes (or crops) with agreeing colours, or
-close embeddings. ``dedup.deduplicate`` rejects those rows ``eval_leak`` before it clusters.
+Evaluation sets are webdataset shards (``probe_test``) or labelled sets such as an ImageFolder
+tree (anything that yields ``(key, image_bytes, label)`` and has a ``name``). ``eval_index``
+hashes their images exactly as the pool index hashes pool samples, embeds them when a rule
+compares embeddings and describes them with the copy detector; ``eval_matches`` finds, for
+every pool row, the test image it copies: equal bytes or pixels, near pHashes (or crops) with
+agreeing colours, close embeddings, or (copy detection) a descriptor candidate or a pHash match
+whose colours disagree that ``verify`` confirms. ``dedup.deduplicate`` rejects those rows
+``eval_leak`` before it clusters.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,17 +26,46 @@ from aim_kedro.curation.index import (
     IndexConfig,
     image_hashes,
 )
-from aim_kedro.curation.matching import HashArrays, cosine_pairs, hash_pairs
+from aim_kedro.curation.matching import (
+    HashArrays,
+    colour_agrees,
+    cosine_pairs,
+    hash_candidates,
+    knn_pairs,
+)
 from aim_kedro.curation.reasons import EVAL_LEAK
+from aim_kedro.curation.verify import ImageLoader, VerifyStats, verify_candidates
 from aim_kedro.io.decode import DecodeError, decode_image
 from aim_kedro.io.shards import Sample, ShardSet, image_bytes, sample_json
 
 if TYPE_CHECKING:
+    from aim_kedro.curation.copydetect import Describer
     from aim_kedro.curation.dedup import DedupConfig
     from aim_kedro.curation.scoring import ClipScorer
 
 
 EVAL_SCHEMA: dict[str, pl.DataType] = {"eval_id": pl.String(), **HASH_SCHEMA}
+
+EvalSource = ShardSet | Iterable[Any]
+"""An evaluation set: shards, or a labelled set yielding ``(key, image_bytes, label)``."""
+
+
+def eval_items(source: EvalSource, name: str | None = None) -> Iterator[tuple[str, bytes | None]]:
+    """``(eval_id, image bytes or None)`` of every image of an evaluation set, in order: a
+    shard sample's ``json.eval_id`` (else ``<shard>/<key>``), a labelled set's ``<name>/<key>``
+    (``name`` or the set's own ``name``)."""
+    if isinstance(source, ShardSet):
+        for path in source.shards:
+            for position, sample in enumerate(source.iter_shard(path)):
+                meta = sample_json(sample)
+                shard = sample.get("__shard__") or path.rstrip("/").rsplit("/", 1)[-1]
+                eval_id = meta.get("eval_id") or f"{shard}/{sample.get('__key__', position)}"
+                found = image_bytes(sample)
+                yield str(eval_id), (found[1] if found is not None else None)
+        return
+    label = name or getattr(source, "name", "eval")
+    for item in source:
+        yield f"{label}/{item[0]}", item[1]
 
 
 def eval_records(
@@ -42,44 +76,112 @@ def eval_records(
     for position, sample in enumerate(samples):
         meta = sample_json(sample)
         eval_id = meta.get("eval_id") or f"{sample.get('__shard__')}/{sample.get('__key__', position)}"
-        row: dict[str, Any] = {name: None for name in EVAL_SCHEMA}
-        row["eval_id"] = str(eval_id)
         found = image_bytes(sample)
-        if found is None:
-            yield row, None
-            continue
-        row["sha256_bytes"] = hashlib.sha256(found[1]).hexdigest()
-        try:
-            image = decode_image(found[1], cfg.max_image_pixels)
-        except DecodeError:
-            yield row, None
-            continue
-        row.update(image_hashes(image, cfg))
-        yield row, image
+        yield _hash_row(str(eval_id), found[1] if found is not None else None, cfg)
+
+
+def _hash_row(eval_id: str, data: bytes | None, cfg: IndexConfig) -> tuple[dict[str, Any], Image.Image | None]:
+    row: dict[str, Any] = {name: None for name in EVAL_SCHEMA}
+    row["eval_id"] = eval_id
+    if data is None:
+        return row, None
+    row["sha256_bytes"] = hashlib.sha256(data).hexdigest()
+    try:
+        image = decode_image(data, cfg.max_image_pixels)
+    except DecodeError:
+        return row, None
+    row.update(image_hashes(image, cfg))
+    return row, image
+
+
+@dataclass
+class EvalIndex:
+    """The evaluation images: hash rows (``EVAL_SCHEMA``), and in row order their image
+    embeddings and copy descriptors (zero rows for undecodable images) when asked for."""
+
+    table: pl.DataFrame
+    embeddings: np.ndarray | None = None
+    descriptors: np.ndarray | None = None
+
+
+def _sets(sets: EvalSource | Mapping[str, EvalSource]) -> list[tuple[str | None, EvalSource]]:
+    if isinstance(sets, Mapping):
+        return list(sets.items())
+    return [(None, sets)]
 
 
 def eval_index(
-    probe_test: ShardSet, cfg: IndexConfig, scorer: ClipScorer | None = None
-) -> tuple[pl.DataFrame, np.ndarray | None]:
-    """Hashes of every evaluation test image (as ``EVAL_SCHEMA``) and, with a ``scorer``, their
-    image embeddings (float16, zero rows for undecodable images), shard by shard."""
+    sets: EvalSource | Mapping[str, EvalSource],
+    cfg: IndexConfig,
+    scorer: ClipScorer | None = None,
+    describer: Describer | None = None,
+    batch: int = 256,
+) -> EvalIndex:
+    """Hash every image of one evaluation set or of several (a mapping name -> set, in order)
+    and, with a ``scorer``, embed it, with a ``describer``, describe it, ``batch`` at a time."""
     rows: list[dict[str, Any]] = []
     embeddings: list[np.ndarray] = []
-    for path in probe_test.shards:
-        images = []
-        for row, image in eval_records(probe_test.iter_shard(path), cfg):
+    descriptors: list[np.ndarray] = []
+
+    def flush(images: list[Image.Image | None]) -> None:
+        present = [i for i, im in enumerate(images) if im is not None]
+        decoded = [images[i] for i in present]
+        for model, out, dim in ((scorer, embeddings, getattr(scorer, "embed_dim", 0)),
+                                (describer, descriptors, getattr(describer, "dim", 0))):
+            if model is None:
+                continue
+            full = np.zeros((len(images), dim), dtype=np.float16)
+            if decoded:
+                full[present] = (model.embed_images(decoded) if model is scorer
+                                 else model.describe(decoded))
+            out.append(full)
+
+    for name, source in _sets(sets):
+        images: list[Image.Image | None] = []
+        for eval_id, data in eval_items(source, name):
+            row, image = _hash_row(eval_id, data, cfg)
             rows.append(row)
             images.append(image)
-        if scorer is not None:
-            present = [im for im in images if im is not None]
-            emb = scorer.embed_images(present) if present else np.zeros((0, scorer.embed_dim))
-            full = np.zeros((len(images), scorer.embed_dim), dtype=np.float16)
-            full[[i for i, im in enumerate(images) if im is not None]] = emb
-            embeddings.append(full)
+            if len(images) == batch:
+                flush(images)
+                images = []
+        if images:
+            flush(images)
     table = pl.DataFrame(rows, schema=EVAL_SCHEMA, orient="row") if rows else pl.DataFrame(
         schema=EVAL_SCHEMA
     )
-    return table, (np.concatenate(embeddings) if embeddings else None)
+    return EvalIndex(
+        table,
+        np.concatenate(embeddings) if embeddings else None,
+        np.concatenate(descriptors) if descriptors else None,
+    )
+
+
+def eval_loader(sets: EvalSource | Mapping[str, EvalSource], cfg: IndexConfig) -> ImageLoader:
+    """An ``ImageLoader`` of evaluation rows (positions in ``eval_index``'s table): one pass
+    over the sets per call, decoding only the wanted rows."""
+
+    def load(rows: Sequence[int]) -> Iterator[tuple[int, Image.Image | None]]:
+        wanted = set(int(r) for r in rows)
+        if not wanted:
+            return
+        position = 0
+        for name, source in _sets(sets):
+            for _, data in eval_items(source, name):
+                if position in wanted:
+                    image = None
+                    if data is not None:
+                        try:
+                            image = decode_image(data, cfg.max_image_pixels)
+                        except DecodeError:
+                            image = None
+                    yield position, image
+                    wanted.discard(position)
+                    if not wanted:
+                        return
+                position += 1
+
+    return load
 
 
 def eval_matches(
@@ -88,8 +190,16 @@ def eval_matches(
     eval_table: pl.DataFrame,
     eval_embeddings: np.ndarray | None,
     cfg: DedupConfig,
+    descriptors: np.ndarray | None = None,
+    eval_descriptors: np.ndarray | None = None,
+    images: ImageLoader | None = None,
+    eval_images: ImageLoader | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> tuple[list[str | None], list[str | None]]:
-    """For every pool row, the eval_id it leaks (or None) and how it matched."""
+    """For every pool row, the eval_id it leaks (or None) and how it matched. With
+    ``cfg.eval_copy_detection``, pool rows that no cheap rule matched are verified against their
+    descriptor candidates among the test images (and pHash matches whose colours disagree);
+    ``stats`` (when given) receives what that stage did."""
     n = pool.height
     found: list[str | None] = [None] * n
     how: list[str | None] = [None] * n
@@ -110,15 +220,16 @@ def eval_matches(
             mark((p[0] for p in pairs), (p[1] for p in pairs), f"same {column}")
     rows_valid = np.flatnonzero(pool["phash"].is_not_null().to_numpy())
     eval_valid = np.flatnonzero(eval_table["phash"].is_not_null().to_numpy())
+    misses = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     if (cfg.eval_phash_radius is not None or cfg.eval_crop_phash_radius is not None) and len(
         rows_valid
     ) and len(eval_valid):
         a = HashArrays.from_table(pool[rows_valid.tolist()])
         b = HashArrays.from_table(eval_table[eval_valid.tolist()])
-        i, j = hash_pairs(
-            a, cfg.eval_phash_radius, cfg.eval_crop_phash_radius, cfg.eval_max_color_distance, b
-        )
-        mark(rows_valid[i], eval_valid[j], "perceptual hash")
+        i, j = hash_candidates(a, cfg.eval_phash_radius, cfg.eval_crop_phash_radius, b)
+        agree = colour_agrees(a, i, j, cfg.eval_max_color_distance, b)
+        mark(rows_valid[i[agree]], eval_valid[j[agree]], "perceptual hash")
+        misses = (rows_valid[i[~agree]], eval_valid[j[~agree]])
     if (
         cfg.eval_embedding_threshold is not None
         and pool_embeddings is not None
@@ -134,7 +245,37 @@ def eval_matches(
             j[order],
             f"embedding cosine >= {cfg.eval_embedding_threshold:g}",
         )
+    if cfg.eval_copy_detection and len(rows_valid) and len(eval_valid):
+        if descriptors is None or eval_descriptors is None or images is None or eval_images is None:
+            raise ValueError(
+                "curation.dedup.eval_copy_detection needs the pool's and the evaluation images' "
+                "descriptors and images; pass them, or set eval_copy_detection: false"
+            )
+        i, j, sim = knn_pairs(descriptors[rows_valid], cfg.candidates, eval_descriptors[eval_valid])
+        ci = np.concatenate([misses[0], rows_valid[i]])
+        cj = np.concatenate([misses[1], eval_valid[j]])
+        order = np.argsort(-np.concatenate([np.full(len(misses[0]), 2.0), sim]), kind="stable")
+        verify = VerifyStats()
+        for r, c, verdict in verify_candidates(
+            ci[order], cj[order], images, eval_images, cfg.verify,
+            joined=lambda r, _c: found[r] is not None, stats=verify,
+        ):
+            if verdict.copy:
+                mark([r], [c], f"copy detection: {verdict.kind}")
+        if stats is not None:
+            stats.update(candidate_pairs=int(len(i)), colour_misses=int(len(misses[0])),
+                         **verify.as_dict())
     return found, how
 
 
-__all__ = ["EVAL_LEAK", "EVAL_SCHEMA", "eval_index", "eval_matches", "eval_records"]
+__all__ = [
+    "EVAL_LEAK",
+    "EVAL_SCHEMA",
+    "EvalIndex",
+    "EvalSource",
+    "eval_index",
+    "eval_items",
+    "eval_loader",
+    "eval_matches",
+    "eval_records",
+]

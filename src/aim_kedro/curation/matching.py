@@ -1,10 +1,12 @@
 """Pairs of matching images over compact per-sample arrays: equal hashes, near pHashes, close
-embeddings.
+embeddings, and the candidate pairs of copy-detection descriptors.
 
 Perceptual hashes within a Hamming radius come from faiss ``IndexBinaryFlat`` range searches
 (a crop hash of one image against the pHash of the other catches cropped copies), image
 embeddings whose cosine reaches a threshold from ``IndexFlatIP``; colour grids then confirm
-pHash matches. ``UnionFind`` merges matched pairs into clusters. Used by ``dedup`` (pool against
+pHash matches. ``knn_pairs`` proposes copy candidates: each descriptor's nearest neighbours
+(exact below a size threshold, an IVF or HNSW index above) that stand out from its
+neighbourhood. ``UnionFind`` merges matched pairs into clusters. Used by ``dedup`` (pool against
 itself) and ``eval_leaks`` (pool against the evaluation test set).
 """
 
@@ -74,6 +76,10 @@ class UnionFind:
             parent[i] = parent[parent[i]]
             i = int(parent[i])
         return int(i)
+
+    def connected(self, a: int, b: int) -> bool:
+        """Whether ``a`` and ``b`` are in one set."""
+        return self.find(a) == self.find(b)
 
     def union(self, a: int, b: int) -> None:
         """Merge the sets of ``a`` and ``b``."""
@@ -199,6 +205,29 @@ def hash_pairs(
     within ``crop_radius`` bits of the other's pHash; then, if ``max_color`` is set, the colour
     grids must be within that RMS distance.
     """
+    i, j = hash_candidates(a, radius, crop_radius, b)
+    keep = colour_agrees(a, i, j, max_color, b)
+    return i[keep], j[keep]
+
+
+def colour_agrees(
+    a: HashArrays, i: np.ndarray, j: np.ndarray, max_color: float | None, b: HashArrays | None = None
+) -> np.ndarray:
+    """Which pairs ``(i, j)`` (of ``a``, or ``a`` to ``b``) have colour grids within
+    ``max_color`` RMS (all, without grids or a limit)."""
+    other = a if b is None else b
+    if max_color is None or a.grids is None or other.grids is None or not len(i):
+        return np.ones(len(i), dtype=bool)
+    return color_distance(a.grids[i], other.grids[j]) <= float(max_color) + 1e-6
+
+
+def hash_candidates(
+    a: HashArrays,
+    radius: int | None,
+    crop_radius: int | None,
+    b: HashArrays | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pHash (or crop-hash) matches of ``hash_pairs`` before the colour check."""
     symmetric = b is None
     other = a if b is None else b
     rows: list[np.ndarray] = []
@@ -219,22 +248,133 @@ def hash_pairs(
     if not rows:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
-    i, j = _unique_pairs(np.concatenate(rows), np.concatenate(cols), symmetric)
-    if max_color is not None and a.grids is not None and other.grids is not None and len(i):
-        keep = color_distance(a.grids[i], other.grids[j]) <= float(max_color) + 1e-6
-        i, j = i[keep], j[keep]
-    return i, j
+    return _unique_pairs(np.concatenate(rows), np.concatenate(cols), symmetric)
+
+
+ANN_KINDS = ("ivf", "hnsw")
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    """Which descriptor neighbours become candidate pairs (``curation.dedup.candidates``).
+
+    Each image's ``k`` nearest neighbours by cosine are candidates when the cosine is at least
+    ``min_similarity`` and exceeds the image's background (its cosine to its
+    ``background_rank``-th neighbour: how crowded its neighbourhood is) by ``margin``, or when
+    it reaches ``accept_similarity`` whatever the background. Up to ``exact_below`` images
+    are searched exactly (faiss ``IndexFlatIP``); above, with an ANN index (``ann``: ``ivf``
+    with ``nlist`` lists (null: 4 sqrt(N)) and ``nprobe`` probed, or ``hnsw`` with ``hnsw_m``
+    links and ``ef_search``), whose memory is the descriptors plus the links.
+    """
+
+    k: int = 10
+    min_similarity: float = 0.5
+    margin: float = 0.03
+    background_rank: int = 10
+    accept_similarity: float = 0.98
+    exact_below: int = 200_000
+    ann: str = "ivf"
+    nlist: int | None = None
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_search: int = 64
+
+    def __post_init__(self) -> None:
+        where = "curation.dedup.candidates"
+        for name, low in (("k", 1), ("background_rank", 1), ("exact_below", 0), ("nprobe", 1),
+                          ("hnsw_m", 4), ("ef_search", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{where}.{name} must be an integer >= {low}, got {value!r}")
+        if self.background_rank > self.k:
+            raise ValueError(
+                f"{where}.background_rank ({self.background_rank}) must be <= {where}.k "
+                f"({self.k}): the background is one of the k neighbours"
+            )
+        for name in ("min_similarity", "accept_similarity"):
+            if not -1.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{where}.{name} must be a cosine in [-1, 1], got {getattr(self, name)!r}")
+        if not float(self.margin) >= 0.0:
+            raise ValueError(f"{where}.margin must be >= 0, got {self.margin!r}")
+        if self.ann not in ANN_KINDS:
+            raise ValueError(f"{where}.ann must be one of {list(ANN_KINDS)}, got {self.ann!r}")
+        if self.nlist is not None and (isinstance(self.nlist, bool) or not isinstance(self.nlist, int)
+                                       or self.nlist < 1):
+            raise ValueError(f"{where}.nlist must be >= 1 or null (4 sqrt(N)), got {self.nlist!r}")
+
+
+def neighbour_index(base: np.ndarray, cfg: CandidateConfig) -> Any:
+    """A faiss inner-product index over ``base`` (L2-normalised float32): exact up to
+    ``cfg.exact_below`` vectors, else IVF-Flat or HNSW."""
+    n, dim = base.shape
+    if n <= cfg.exact_below:
+        index = faiss.IndexFlatIP(dim)
+    elif cfg.ann == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, int(cfg.hnsw_m), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = int(cfg.ef_search)
+    else:
+        nlist = int(cfg.nlist or max(1, round(4 * np.sqrt(n))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = base[np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False)]
+        index.train(np.ascontiguousarray(sample))
+        index.nprobe = int(cfg.nprobe)
+    index.add(base)
+    return index
+
+
+def knn_pairs(
+    descriptors: np.ndarray, cfg: CandidateConfig, others: np.ndarray | None = None,
+    index: Any | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate pairs ``(i, j, cosine)`` by the rule of ``CandidateConfig``: inside
+    ``descriptors`` (i < j, each pair once) or from ``descriptors`` (i) to ``others`` (j).
+    Queries run in chunks, so memory holds the index, one chunk's neighbours and the pairs."""
+    x = normalized(descriptors)
+    base = x if others is None else normalized(others)
+    if len(x) == 0 or len(base) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    index = index if index is not None else neighbour_index(base, cfg)
+    self_join = others is None
+    k = min(int(cfg.k) + int(self_join), len(base))
+    rank = min(int(cfg.background_rank) - 1 + int(self_join), k - 1)
+    rows, cols, sims = [], [], []
+    for start in range(0, len(x), QUERY_CHUNK):
+        sim, ids = index.search(x[start : start + QUERY_CHUNK], k)
+        query = np.arange(start, start + len(ids))[:, None]
+        background = sim[:, rank : rank + 1] if k > rank else np.full((len(ids), 1), -1.0)
+        ok = (ids >= 0) & (sim >= float(cfg.min_similarity)) & (
+            (sim - background >= float(cfg.margin)) | (sim >= float(cfg.accept_similarity)))
+        if self_join:
+            ok &= ids != query
+        q, c = np.nonzero(ok)
+        rows.append(query[q, 0])
+        cols.append(ids[q, c].astype(np.int64))
+        sims.append(sim[q, c])
+    i, j, s = np.concatenate(rows), np.concatenate(cols), np.concatenate(sims).astype(np.float32)
+    if self_join:
+        i, j = np.minimum(i, j), np.maximum(i, j)
+    order = np.lexsort((-s, j, i))
+    i, j, s = i[order], j[order], s[order]
+    first = np.ones(len(i), dtype=bool)
+    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
+    return i[first], j[first], s[first]
 
 
 __all__ = [
+    "ANN_KINDS",
+    "CandidateConfig",
     "HashArrays",
     "UnionFind",
     "color_distance",
+    "colour_agrees",
     "cosine_pairs",
     "equal_pairs",
     "hamming_distance",
     "hamming_pairs",
+    "hash_candidates",
     "hash_pairs",
+    "knn_pairs",
+    "neighbour_index",
     "normalized",
     "phash_codes",
 ]

@@ -238,6 +238,19 @@ def truth_metrics(
     return out
 
 
+def dedup_clusters(dedup: Mapping[str, Any]) -> dict[str, Any]:
+    """Per duplicate cluster, the kind of match that joined it (from the ``deduplicate``
+    summary): clusters per kind, the largest clusters with their kinds, eval leaks per kind,
+    and what copy detection verified."""
+    return {
+        "clusters": dedup.get("clusters"),
+        "by_kind": dict(dedup.get("clusters_by_kind") or {}),
+        "largest": list(dedup.get("cluster_match_kinds") or []),
+        "eval_leaks_by_kind": dict(dedup.get("eval_matches_by_kind") or {}),
+        "copy_detection": dedup.get("copy_detection"),
+    }
+
+
 def build_report(
     manifest: pl.DataFrame,
     stage_stats: Mapping[str, Mapping[str, Any]],
@@ -274,6 +287,9 @@ def build_report(
         if stage == "build_pool_index":  # the filter network trains between index and scoring
             seconds["train_filter_network"] = train.get("seconds")
     seconds.setdefault("train_filter_network", train.get("seconds"))
+    detector = (stage_stats.get("describe_pool") or {}).get("copy_detector") or {}
+    if detector:
+        seconds["train_copy_detector"] = detector.get("seconds")
     report: dict[str, Any] = {
         "funnel": flow,
         "score_cut": {
@@ -285,7 +301,8 @@ def build_report(
         },
         "seconds": seconds,
         "filter_network": train,
-        "dedup": figures("deduplicate"),
+        "dedup": {k: v for k, v in figures("deduplicate").items() if k != "cluster_match_kinds"},
+        "dedup_clusters": dedup_clusters(stage_stats.get("deduplicate") or {}),
         "faces": figures("detect_faces"),
         "subset": figures("check_dfn_subset"),
         "truth": None,
@@ -295,4 +312,4 @@ def build_report(
     return report
 
 
-__all__ = ["STAGES", "box_recall", "build_report", "funnel", "truth_metrics"]
+__all__ = ["STAGES", "box_recall", "build_report", "dedup_clusters", "funnel", "truth_metrics"]

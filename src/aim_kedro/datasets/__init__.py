@@ -1,11 +1,13 @@
 """Kedro datasets that the catalog names: shard folders, image folders, model checkpoints, the
-pre-training run directory, work caches and DataComp uid lists."""
+pre-training run directory, work caches, DataComp uid lists and the extra evaluation sets of the leak
+check."""
 
 from aim_kedro.datasets.checkpoints import (
     AIMCheckpointDataset,
     CheckpointSeriesDataset,
     StateDictDataset,
 )
+from aim_kedro.datasets.eval_sets import EvalSetsDataset
 from aim_kedro.datasets.image_folder import ImageFolderDataset
 from aim_kedro.datasets.pretraining_run import PretrainingRunDataset
 from aim_kedro.datasets.uid_list import UidListDataset
@@ -15,6 +17,7 @@ from aim_kedro.datasets.work_cache import ShardResultCacheDataset
 __all__ = [
     "AIMCheckpointDataset",
     "CheckpointSeriesDataset",
+    "EvalSetsDataset",
     "ImageFolderDataset",
     "PretrainingRunDataset",
     "ShardResultCacheDataset",

@@ -43,7 +43,9 @@ NODE_ORDER = [
     "build_pool_index",
     "train_filter_network",
     "score_pool",
+    "train_copy_detector",
     "apply_filters",
+    "describe_pool",
     "deduplicate",
     "build_pool_manifest",
     "detect_faces",
@@ -53,7 +55,8 @@ NODE_ORDER = [
     "report_curation",
     "plot_curation",
 ]
-INPUTS = {"raw_pool", "trusted_pairs", "probe_test", "sample_truth", "clip_score_cache"}
+INPUTS = {"raw_pool", "trusted_pairs", "probe_test", "eval_leak_sets", "sample_truth",
+          "clip_score_cache"}
 
 
 def test_node_names_are_stable_and_in_data_order() -> None:
@@ -100,6 +103,10 @@ def test_parameters_validate_and_name_the_fix() -> None:
         validate_curation_params({**PARAMS, "faces": {"detector": {"kind": "magic"}}})
     with pytest.raises(ValueError, match="curation.filter_network.epochs"):
         validate_curation_params({**PARAMS, "filter_network": {"epochs": 0}})
+    missing = copy.deepcopy(PARAMS)
+    missing["dedup"]["descriptor"]["path"] = "/nonexistent/sscd_disc_mixup.torchscript.pt"
+    with pytest.raises(FileNotFoundError, match=r"curation\.dedup\.descriptor\.path"):
+        validate_curation_params(missing)
 
 
 # --- a tiny synthetic pool, run through the whole pipeline on the real catalog types ---------

@@ -9,6 +9,7 @@ score cut are those of ``curation.manifest``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -27,8 +28,21 @@ from aim_kedro.curation.config import (
     check_scoring_model,
     validate_curation_params,
 )
-from aim_kedro.curation.dedup import DedupConfig, dedup_pool, deduplicate, pool_embeddings
-from aim_kedro.curation.eval_leaks import eval_index
+from aim_kedro.curation.copydetect import load_describer, train_copy_detector
+from aim_kedro.curation.dedup import (
+    DedupConfig,
+    dedup_pool,
+    deduplicate,
+    pool_embeddings,
+)
+from aim_kedro.curation.describe import (
+    aligned_descriptors,
+    describable,
+    describe_index,
+    pool_loader,
+    training_images,
+)
+from aim_kedro.curation.eval_leaks import eval_index, eval_loader
 from aim_kedro.curation.executors import ExecutorConfig, make_executor
 from aim_kedro.curation.filter_network import FilterNetworkConfig, train_filter_network
 from aim_kedro.curation.filters import FilterConfig, filter_decisions
@@ -153,29 +167,93 @@ def apply_filters(
     return decisions, summary
 
 
+def train_copy_detector_node(
+    raw_pool: ShardSet, pool_index: pl.DataFrame, dedup: Params, index: Params, progress: bool
+) -> dict[str, Any]:
+    """Train the SSCD-style copy detector on the pool's own decodable images (skipped when
+    copy detection is off or ``curation.dedup.descriptor.path`` names a pretrained one: the
+    checkpoint then records why it is empty)."""
+    cfg = block(DedupConfig, dedup)
+    start = time.perf_counter()
+    if not cfg.describes or not cfg.descriptor.trains:
+        why = "copy detection is off" if not cfg.describes else f"uses {cfg.descriptor.path}"
+        logger.info("train_copy_detector: skipped, curation.dedup %s", why)
+        return {"config": {"skipped": True, "reason": why}, "state_dict": {},
+                "metadata": {"skipped": True, "seconds": 0.0}}
+    images = training_images(raw_pool, pool_index, cfg.descriptor, block(IndexConfig, index))
+    checkpoint = train_copy_detector(images, cfg.descriptor, check_progress(progress))
+    meta = checkpoint["metadata"]
+    _done("train_copy_detector", start, "%d images, %d steps, loss %.3f -> %.3f",
+          meta["images"], meta["steps"], meta["initial_loss"], meta["final_loss"])
+    return checkpoint
+
+
+def describe_pool(
+    raw_pool: ShardSet, pool_index: pl.DataFrame, copy_detector: dict[str, Any], dedup: Params,
+    index: Params, executor: Params, progress: bool,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Copy descriptors (uid, descriptor) of every decodable pool sample, shard by shard on the
+    executor (empty when copy detection is off), and a summary with the detector's training."""
+    cfg = block(DedupConfig, dedup)
+    start = time.perf_counter()
+    training = dict((copy_detector or {}).get("metadata") or {})
+    if not cfg.describes:
+        table = pl.DataFrame(schema={"uid": pl.String(), "descriptor": pl.Array(pl.Float16(), 1)})
+        return table, {"described": 0, "skipped": True, "copy_detector": training, "seconds": 0.0}
+    make = functools.partial(load_describer, cfg.descriptor, copy_detector)
+    size = int(cfg.descriptor.image_size if cfg.descriptor.path else copy_detector["config"]["image_size"])
+    table, summary = describe_index(
+        make, raw_pool, describable(pool_index), block(IndexConfig, index), size,
+        cfg.descriptor.batch_size_inference, _executor(executor, progress),
+        want_gpu=cfg.descriptor.device != "cpu", progress=check_progress(progress),
+    )
+    summary["copy_detector"] = training
+    summary["seconds"] = _done("describe_pool", start, "%d descriptors (dim %d)",
+                               summary["described"], summary["dim"])
+    return table, summary
+
+
 def deduplicate_pool(
     pool_index: pl.DataFrame,
     clip_scores: pl.DataFrame,
     clip_embeddings: pl.DataFrame,
     filter_decisions: pl.DataFrame,
     probe_test: ShardSet,
+    eval_leak_sets: dict[str, Any],
+    copy_descriptors: pl.DataFrame,
+    copy_detector: dict[str, Any],
+    raw_pool: ShardSet,
     filter_network: dict[str, Any],
     dedup: Params,
     index: Params,
     scoring: Params,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Eval-leak and duplicate decisions: leaks of ``probe_test`` first, then one representative
-    per duplicate cluster among the samples that passed the earlier stages."""
+    """Eval-leak and duplicate decisions: leaks of ``probe_test`` and of the ``eval_leak_sets``
+    first, then one representative per duplicate cluster among the samples that passed the
+    earlier stages; copy-detection candidates are verified on images decoded from
+    ``raw_pool``."""
     cfg = block(DedupConfig, dedup)
+    index_cfg = block(IndexConfig, index)
     start = time.perf_counter()
     pool = dedup_pool(pool_index, clip_scores, filter_decisions)
     embeddings = pool_embeddings(pool, clip_embeddings) if cfg.needs_embeddings else None
     scorer = None
     if cfg.eval_embedding_threshold is not None:
         scorer = block(ScoringConfig, scoring).loader(filter_network)()
-    eval_table, eval_embeddings = eval_index(probe_test, block(IndexConfig, index), scorer)
-    decisions, summary = deduplicate(pool, embeddings, eval_table, eval_embeddings, cfg)
+    sets = {"probe_test": probe_test, **(eval_leak_sets or {})}
+    describer = load_describer(cfg.descriptor, copy_detector) if cfg.describes else None
+    evals = eval_index(sets, index_cfg, scorer, describer)
+    copy_inputs: dict[str, Any] = {}
+    if cfg.describes:
+        copy_inputs = {"descriptors": aligned_descriptors(pool["uid"], copy_descriptors),
+                       "eval_descriptors": evals.descriptors,
+                       "images": pool_loader(raw_pool, pool, index_cfg),
+                       "eval_images": eval_loader(sets, index_cfg)}
+    decisions, summary = deduplicate(pool, embeddings, evals.table, evals.embeddings, cfg,
+                                     **copy_inputs)
+    eval_table = evals.table
     summary["eval_images"] = eval_table.height
+    summary["eval_sets"] = list(sets)
     summary["seconds"] = _done(
         "deduplicate", start, "%d clusters over %d samples, rejected %d eval leaks and %d "
         "duplicates (%d test images)", summary["clusters"], summary["samples_in_clusters"],
@@ -319,11 +397,13 @@ __all__ = [
     "check_dfn_subset",
     "check_scoring_model",
     "deduplicate_pool",
+    "describe_pool",
     "detect_faces_node",
     "export_dfn_uids",
     "plot_curation",
     "report_curation",
     "score_pool",
+    "train_copy_detector_node",
     "train_filter_network_node",
     "validate_curation_params",
     "write_dfn_subset",

@@ -1,9 +1,10 @@
 """The ``curation`` pipeline: a raw image-text pool in, a DFN-style curated subset out.
 
 Node names are stable, for ``kedro run --pipelines curation --from-nodes <name>``:
-build_pool_index, train_filter_network, score_pool, apply_filters, deduplicate,
-build_pool_manifest, export_dfn_uids, detect_faces, write_dfn_subset, check_dfn_subset,
-report_curation, plot_curation. Each node takes only the ``params:curation.<block>`` entries it uses.
+build_pool_index, train_filter_network, train_copy_detector, describe_pool, score_pool,
+apply_filters, deduplicate, build_pool_manifest, export_dfn_uids, detect_faces, write_dfn_subset,
+check_dfn_subset, report_curation, plot_curation. Each node takes only the ``params:curation.<block>``
+entries it uses.
 """
 
 from kedro.pipeline import Pipeline, node
@@ -14,11 +15,13 @@ from aim_kedro.pipelines.curation.nodes import (
     build_pool_manifest,
     check_dfn_subset,
     deduplicate_pool,
+    describe_pool,
     detect_faces_node,
     export_dfn_uids,
     plot_curation,
     report_curation,
     score_pool,
+    train_copy_detector_node,
     train_filter_network_node,
     write_dfn_subset,
 )
@@ -33,8 +36,9 @@ RUN_ON = ("executor", "progress")  # where the per-shard stages run, and their p
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Index -> (filter network) -> scores -> filters -> dedup -> manifest -> faces -> subset
-    -> check -> report and plots; per-shard steps stream, only the cut and dedup see all rows."""
+    """Index -> (filter network, copy detector -> descriptors) -> scores -> filters -> dedup ->
+    manifest -> faces -> subset -> check -> report and plots; per-shard steps stream, only the
+    cut and dedup see all rows."""
     return Pipeline(
         [
             node(
@@ -48,6 +52,18 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["trusted_pairs", *_p("filter_network", "scoring")],
                 outputs="filter_network",
                 name="train_filter_network",
+            ),
+            node(
+                train_copy_detector_node,
+                inputs=["raw_pool", "pool_index", *_p("dedup", "index", "progress")],
+                outputs="copy_detector",
+                name="train_copy_detector",
+            ),
+            node(
+                describe_pool,
+                inputs=["raw_pool", "pool_index", "copy_detector", *_p("dedup", "index", *RUN_ON)],
+                outputs=["copy_descriptors", "curation_descriptor_stats"],
+                name="describe_pool",
             ),
             node(
                 score_pool,
@@ -68,7 +84,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 deduplicate_pool,
                 inputs=[
                     "pool_index", "clip_scores", "clip_embeddings", "filter_decisions",
-                    "probe_test", "filter_network", *_p("dedup", "index", "scoring"),
+                    "probe_test", "eval_leak_sets", "copy_descriptors", "copy_detector",
+                    "raw_pool", "filter_network", *_p("dedup", "index", "scoring"),
                 ],
                 outputs=["dedup_decisions", "curation_dedup_stats"],
                 name="deduplicate",
@@ -121,6 +138,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "build_pool_index": "curation_index_stats",
                     "score_pool": "curation_scoring_stats",
                     "apply_filters": "curation_filter_stats",
+                    "describe_pool": "curation_descriptor_stats",
                     "deduplicate": "curation_dedup_stats",
                     "build_pool_manifest": "curation_selection_stats",
                     "detect_faces": "curation_face_stats",
