@@ -1,7 +1,7 @@
 """The ``curation`` pipeline: a raw image-text pool in, a DFN-style curated subset out.
 
 Node names are stable, for ``kedro run --pipeline curation --from-nodes <name>``:
-build_pool_index, train_filter_network, score_pool, apply_filters, deduplicate,
+build_pool_index, train_filter_network, score_nsfw, score_pool, apply_filters, deduplicate,
 build_pool_manifest, detect_faces, write_dfn_subset, check_dfn_subset, report_curation,
 plot_curation. Each node takes only the ``params:curation.<block>`` entries it uses.
 """
@@ -17,6 +17,7 @@ from aim_kedro.pipelines.curation.nodes import (
     detect_faces_node,
     plot_curation,
     report_curation,
+    score_nsfw_node,
     score_pool,
     train_filter_network_node,
     write_dfn_subset,
@@ -32,7 +33,7 @@ RUN_ON = ("executor", "progress")  # where the per-shard stages run, and their p
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Index -> (filter network) -> scores -> filters -> dedup -> manifest -> faces -> subset
+    """Index -> (filter network) -> scores, NSFW scores -> filters -> dedup -> manifest -> faces -> subset
     -> check -> report and plots; per-shard steps stream, only the cut and dedup see all rows."""
     return Pipeline(
         [
@@ -58,8 +59,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="score_pool",
             ),
             node(
+                score_nsfw_node,
+                inputs=["raw_pool", "pool_index", *_p("nsfw", "index", *RUN_ON)],
+                outputs=["nsfw_scores", "curation_nsfw_stats"],
+                name="score_nsfw",
+            ),
+            node(
                 apply_filters,
-                inputs=["pool_index", "clip_scores", *_p("filters")],
+                inputs=["pool_index", "clip_scores", "nsfw_scores", *_p("filters")],
                 outputs=["filter_decisions", "curation_filter_stats"],
                 name="apply_filters",
             ),
@@ -83,7 +90,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 detect_faces_node,
-                inputs=["raw_pool", "pool_manifest", *_p("faces", "index", *RUN_ON)],
+                inputs=["raw_pool", "pool_manifest", "pool_index",
+                        *_p("faces", "index", *RUN_ON)],
                 outputs=["face_boxes", "curation_face_stats"],
                 name="detect_faces",
             ),
@@ -98,7 +106,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 check_dfn_subset,
-                inputs=["dfn_subset", "dfn_manifest", *_p("subset")],
+                inputs=["dfn_subset", "dfn_manifest", *_p("subset", "faces", "report")],
                 outputs="curation_subset_stats",
                 name="check_dfn_subset",
             ),
@@ -113,6 +121,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     # the stage summaries, by node name
                     "build_pool_index": "curation_index_stats",
                     "score_pool": "curation_scoring_stats",
+                    "score_nsfw": "curation_nsfw_stats",
                     "apply_filters": "curation_filter_stats",
                     "deduplicate": "curation_dedup_stats",
                     "build_pool_manifest": "curation_selection_stats",
