@@ -382,5 +382,10 @@ def for_face_size(detector: FaceDetector, side: float) -> FaceDetector:
     """The same detector set to find faces down to ``side`` px (a detector with ``min_face``),
     e.g. to look again for a blurred face of a known size; others are returned as they are."""
     if dataclasses.is_dataclass(detector) and hasattr(detector, "min_face"):
-        return dataclasses.replace(detector, min_face=max(1, min(detector.min_face, int(side))))
+        wanted = max(1, min(detector.min_face, int(side)))
+        if wanted == detector.min_face:
+            return detector
+        clone = dataclasses.replace(detector, min_face=wanted)
+        clone._model = detector._model  # the loaded model is shared, not loaded again
+        return clone
     return detector
