@@ -20,7 +20,7 @@ from aim_kedro.curation.config import (
     check_scoring_model,
     validate_curation_params,
 )
-from aim_kedro.curation.faces import HaarCascadeDetector
+from aim_kedro.curation.faces import HaarCascadeDetector, UnionDetector
 from aim_kedro.curation.faces_dlib import DlibCnnDetector
 from aim_kedro.curation.nsfw import NudeNetClassifier
 from aim_kedro.curation.subset import FacePolicy
@@ -82,7 +82,9 @@ def test_bad_values_fail_naming_the_parameter() -> None:
 
 def test_the_whole_tree_check_builds_the_face_detector_and_nsfw_classifier() -> None:
     cfg = validate_curation_params(BASE)
-    assert isinstance(cfg.faces.make_detector(), DlibCnnDetector)
+    detector = cfg.faces.make_detector()
+    assert isinstance(detector, UnionDetector)
+    assert [type(d) for d in detector.detectors] == [DlibCnnDetector, HaarCascadeDetector]
     assert cfg.faces.policy() == FacePolicy("blur", "union")
     assert isinstance(FacesConfig(detector={"kind": "opencv_haar"}).make_detector(),
                       HaarCascadeDetector)

@@ -135,3 +135,23 @@ def test_detectors_pickle_without_their_model(cnn, astronaut_64, astronaut_160):
 def test_bad_options_name_the_problem(params, error, match):
     with pytest.raises(error, match=match):
         make_detector("dlib_cnn", **params)
+
+
+def test_union_merges_its_members_boxes(astronaut_64, astronaut_160):
+    union = make_detector("union", detectors=[{"kind": "dlib_cnn", "min_face": 32},
+                                              {"kind": "opencv_haar"}])
+    cnn_boxes, haar_boxes = (d.detect(astronaut_64) for d in union.detectors)
+    assert cnn_boxes and haar_boxes and cnn_boxes != haar_boxes
+    merged = union.detect(astronaut_64)
+    assert len(merged) == 1 and merged[0] in cnn_boxes + haar_boxes  # one face, one box
+    assert union.unchecked((64, 64)) is None
+    bounded = make_detector("union", detectors=[{"kind": "opencv_haar"},
+                                                {"kind": "dlib_hog", "min_face": 10,
+                                                 "max_detect_size": 100}])
+    assert "faces under" in bounded.unchecked((64, 64))
+    assert for_face_size(union, 20).detectors[0].min_face == 20
+    assert pickle.loads(pickle.dumps(union)).detect(astronaut_64) == merged
+    with pytest.raises(ValueError, match=r"detectors\[1\]: .*'magic' is unknown"):
+        make_detector("union", detectors=[{"kind": "opencv_haar"}, {"kind": "magic"}])
+    with pytest.raises(ValueError, match="union needs 'detectors'"):
+        make_detector("union")

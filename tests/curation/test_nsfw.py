@@ -66,7 +66,7 @@ def test_class_columns_are_nudenets(photos):
 
 def test_benign_photos_stay_under_the_default_cut(classifier, photos):
     scores, labels = classifier.scores(list(photos.values()))
-    assert scores.dtype == np.float32 and ((0 <= scores) & (scores < 0.5)).all(), scores
+    assert scores.dtype == np.float32 and ((0 <= scores) & (scores < 0.6)).all(), scores
     assert all(label is None or label in NSFW_CLASSES for label in labels)
     batched = NsfwClassifierConfig(batch_size=2).make_classifier().scores(list(photos.values()))[0]
     np.testing.assert_allclose(batched, scores, atol=1e-4)
@@ -111,7 +111,7 @@ def test_the_filter_turns_the_score_into_the_nsfw_reason():
     out = filter_decisions(index, clip, FilterConfig(), classified)
     assert out["uid"].to_list() == ["a", "b", "c", "d"]
     assert out["reject_reason"].to_list() == [None, None, "nsfw", "basic_filter"]
-    assert out["reject_detail"][2] == "nsfw classifier BUTTOCKS_EXPOSED 0.700 >= 0.5"
+    assert out["reject_detail"][2] == "nsfw classifier BUTTOCKS_EXPOSED 0.700 >= 0.6"
     off = filter_decisions(index, clip, FilterConfig(nsfw_classifier_threshold=None), classified)
     assert off["reject_reason"].to_list() == [None, None, None, "basic_filter"]
     assert filter_decisions(index, clip, FilterConfig())["reject_reason"].null_count() == 3

@@ -9,6 +9,7 @@ builds the face detector to prove its options (which no node pays for twice).
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -122,9 +123,10 @@ class ScoringConfig:
             ) from exc
 
 
-DEFAULT_FACE_DETECTOR: dict[str, Any] = {
-    "kind": "dlib_cnn", "min_face": 32, "max_detect_size": 1024, "angles": [],
-}
+DEFAULT_FACE_DETECTOR: dict[str, Any] = {"kind": "union", "detectors": [
+    {"kind": "dlib_cnn", "min_face": 32, "max_detect_size": 1024, "angles": []},
+    {"kind": "opencv_haar"},
+]}
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ class FacesConfig:
     detector cannot check for faces of ``min_face`` px (blur | drop | keep); ``sidecar`` how
     DataComp-style ``face_bboxes`` of the pool are used (union | replace | ignore)."""
 
-    detector: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_FACE_DETECTOR))
+    detector: Mapping[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_FACE_DETECTOR))
     unchecked: str = "blur"
     sidecar: str = "union"
 

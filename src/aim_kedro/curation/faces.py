@@ -14,6 +14,7 @@ Kinds:
   wheel) and HOG detectors, at a working scale chosen from ``min_face``, with rotated passes
   (``faces_dlib.py``).
 - ``none``: finds nothing (for pools known to hold no faces).
+- ``union``: several of the above on each image, their boxes merged.
 
 Detectors load their model lazily and drop it when pickled, so they can be shipped to workers.
 A detector whose working resolution is bounded says, through ``unchecked(size)``, when it
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
@@ -299,6 +301,45 @@ class NoFaceDetector:
         return []
 
 
+@dataclass
+class UnionDetector:
+    """Several detectors on the same image, their boxes merged (``kind: union``): a face any of
+    them finds is blurred. ``detectors`` holds each one's ``make_detector`` options; the image
+    is unchecked when any member cannot check it."""
+
+    detectors: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.detectors:
+            raise ValueError("union needs 'detectors': a list of detector options, e.g. "
+                             "[{kind: dlib_cnn}, {kind: opencv_haar}]")
+        members = []
+        for i, options in enumerate(self.detectors):
+            if isinstance(options, Mapping):
+                if options.get("kind") == "union":
+                    raise ValueError("union: a member cannot be a union itself")
+                try:
+                    options = make_detector(**options)
+                except (ValueError, FileNotFoundError) as exc:
+                    raise type(exc)(f"detectors[{i}]: {exc}") from exc
+            members.append(options)
+        self.detectors = tuple(members)
+
+    def detect(self, image: Image.Image) -> list[Box]:
+        """The boxes of every member, the larger of two overlapping ones kept."""
+        boxes = [box for detector in self.detectors for box in detector.detect(image)]
+        return merge_overlapping(sorted(boxes), 0.3)
+
+    def unchecked(self, size: tuple[int, int]) -> str | None:
+        """The first member's reason for not checking an image of ``size``, or None."""
+        for detector in self.detectors:
+            check = getattr(detector, "unchecked", None)
+            reason = check(size) if check is not None else None
+            if reason is not None:
+                return reason
+        return None
+
+
 def _check_sizes(detect_size: int, max_detect_size: int | None, pad: float) -> None:
     if detect_size < 1:
         raise ValueError(f"detect_size must be >= 1 (e.g. 128), got {detect_size}")
@@ -314,6 +355,7 @@ _KINDS: dict[str, type] = {
     "opencv_haar": HaarCascadeDetector,
     "onnx": YuNetOnnxDetector,
     "none": NoFaceDetector,
+    "union": UnionDetector,
 }
 
 
@@ -381,6 +423,8 @@ def face_check(detector: FaceDetector, image: Image.Image) -> tuple[list[Box], s
 def for_face_size(detector: FaceDetector, side: float) -> FaceDetector:
     """The same detector set to find faces down to ``side`` px (a detector with ``min_face``),
     e.g. to look again for a blurred face of a known size; others are returned as they are."""
+    if isinstance(detector, UnionDetector):
+        return UnionDetector(tuple(for_face_size(d, side) for d in detector.detectors))
     if dataclasses.is_dataclass(detector) and hasattr(detector, "min_face"):
         wanted = max(1, min(detector.min_face, int(side)))
         if wanted == detector.min_face:

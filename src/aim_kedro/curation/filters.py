@@ -44,7 +44,7 @@ class FilterConfig:
     max_aspect_ratio: float = 3.0
     min_caption_words: int = 2
     nsfw_threshold: float | None = None
-    nsfw_classifier_threshold: float | None = 0.5
+    nsfw_classifier_threshold: float | None = 0.6
 
     def __post_init__(self) -> None:
         if self.threshold is None and self.keep_fraction is None:
