@@ -119,3 +119,24 @@ def test_an_open_clip_model_that_needs_a_download_offline_fails_before_the_run(
     params = {**BASE, "scoring": {"model": "open_clip", "model_name": "hf-hub:org/none"}}
     with pytest.raises(ModelUnavailableError, match=r"curation\.scoring\.model_name='hf-hub:"):
         check_scoring_model(params)
+
+
+def test_precomputed_scores_name_their_column_and_refuse_what_needs_a_model() -> None:
+    base = yaml.safe_load((PROJECT / "conf/base/parameters_curation.yml").read_text())["curation"]
+    params = copy.deepcopy(base)
+    params["scoring"].update(model="precomputed", score_column="clip_l14_similarity_score")
+    validate_curation_params(params)
+    with pytest.raises(ValueError, match="curation.scoring.score_column"):
+        validate_curation_params({**params, "scoring": {"model": "precomputed"}})
+    params["dedup"]["embedding_threshold"] = 0.95
+    with pytest.raises(ValueError, match="set curation.dedup.embedding_threshold to null"):
+        validate_curation_params(params)
+
+
+def test_read_retries_and_the_uid_list_are_checked_before_the_run(tmp_path) -> None:
+    base = yaml.safe_load((PROJECT / "conf/base/parameters_curation.yml").read_text())["curation"]
+    with pytest.raises(ValueError, match="curation.index.read_retries"):
+        validate_curation_params({**base, "index": {**base["index"], "read_retries": -1}})
+    with pytest.raises(FileNotFoundError, match="curation.index.uid_list: uid list .* does not exist"):
+        validate_curation_params({**base, "index": {**base["index"],
+                                                     "uid_list": str(tmp_path / "nope.npy")}})

@@ -6,6 +6,7 @@ import functools
 
 import numpy as np
 import polars as pl
+import pytest
 from conftest import CAPTIONS, png_bytes
 from PIL import Image
 
@@ -109,3 +110,17 @@ def test_score_tables_have_the_catalog_types(tmp_path, scorer: ClipScorer, image
     assert scores["clip_score"].dtype == pl.Float32 and scores.height == index.height
     assert embeddings["image_emb"].dtype == pl.Array(pl.Float16, 32)
     assert embeddings["uid"].to_list() == index["uid"].to_list()
+
+
+def test_precomputed_scores_come_from_the_sidecar_column() -> None:
+    index = pl.DataFrame({
+        "uid": ["a", "b", "c", "d"], "reject_reason": [None, None, "corrupt", None],
+        "clip_l14_similarity_score": [0.31, None, 0.2, 0.12],
+    })
+    scores, embeddings = pool_scoring.precomputed_scores(index, "clip_l14_similarity_score")
+    assert scores["uid"].to_list() == ["a", "b", "d"]
+    got = scores["clip_score"].to_list()
+    assert np.isclose(got[0], 0.31) and np.isnan(got[1]) and np.isclose(got[2], 0.12)
+    assert scores["nsfw_score"].is_nan().all() and embeddings.height == 3
+    with pytest.raises(ValueError, match="score_column='missing' is not a column of pool_index"):
+        pool_scoring.precomputed_scores(index, "missing")

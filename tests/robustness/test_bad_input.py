@@ -106,7 +106,7 @@ EXPECTED = {
     "palette_png": (None, None),
     "animated_gif": (None, None),
     "exif_rotated": (None, None),
-    "one_pixel": ("basic_filter", "shorter side 1 px < 32"),
+    "one_pixel": ("basic_filter", "shorter side 1 px < 48"),
     "huge_caption": (None, None),
     "bad_utf8": ("no_caption", "caption is not valid UTF-8"),
     "no_json": (None, None),

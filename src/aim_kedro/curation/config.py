@@ -32,7 +32,7 @@ from aim_kedro.curation.nsfw import NsfwClassifierConfig
 from aim_kedro.curation.scoring import ClipScorer, NsfwConfig
 from aim_kedro.curation.subset import FacePolicy, SubsetConfig
 
-SCORING_MODELS = ("filter_network", "open_clip")
+SCORING_MODELS = ("filter_network", "open_clip", "precomputed")
 
 C = TypeVar("C")
 
@@ -46,7 +46,9 @@ class ScoringConfig:
     ``local-dir:/path``) with ``pretrained`` (a tag or a local weights file). ``num_threads``
     pins the torch threads of every scoring op, in this process and in each Ray actor alike
     (null: each process's default), so both executors compute the same scores; a decision
-    never hangs on a last bit anyway (``dedup.score_tolerance``).
+    never hangs on a last bit anyway (``dedup.score_tolerance``). ``model: precomputed`` scores
+    nothing: ``score_column`` names a column of the pool's parquet sidecars (DataComp's
+    ``clip_l14_similarity_score``) that becomes ``clip_score``.
     """
 
     model: str = "filter_network"
@@ -58,11 +60,18 @@ class ScoringConfig:
     num_threads: int | None = 1
     nsfw_prompts: tuple[str, ...] | None = None
     safe_prompts: tuple[str, ...] | None = None
+    score_column: str | None = None
 
     def __post_init__(self) -> None:
         if self.model not in SCORING_MODELS:
             raise ValueError(
                 f"curation.scoring.model must be one of {SCORING_MODELS}, got {self.model!r}"
+            )
+        if (self.model == "precomputed") != (self.score_column is not None):
+            raise ValueError(
+                "curation.scoring.score_column names the sidecar column of precomputed scores and "
+                f"goes with curation.scoring.model: precomputed (got model {self.model!r}, "
+                f"score_column {self.score_column!r}); e.g. clip_l14_similarity_score for DataComp"
             )
         if self.model == "open_clip" and not self.model_name:
             raise ValueError(
@@ -237,7 +246,43 @@ def validate_curation_params(params: Mapping[str, Any]) -> CurationConfig:
     blocks = {name: block(cls, params.get(name)) for name, cls in BLOCKS.items()}
     blocks["faces"].make_detector()
     blocks["nsfw"].make_classifier()
+    _check_precomputed(blocks["scoring"], blocks["filters"], blocks["dedup"])
+    _check_subset_size(blocks["filters"], blocks["subset"])
+    if blocks["index"].uid_list is not None:
+        blocks["index"].load_uid_list()
     return CurationConfig(progress=check_progress(params.get("progress", True)), **blocks)
+
+
+def _check_precomputed(scoring: ScoringConfig, filters: FilterConfig, dedup: DedupConfig) -> None:
+    """Precomputed scores come without embeddings or NSFW scores: the rules that need them fail
+    here rather than comparing nothing."""
+    if scoring.model != "precomputed":
+        return
+    needs = [name for name, value in (
+        ("curation.dedup.embedding_threshold", dedup.embedding_threshold),
+        ("curation.dedup.eval_embedding_threshold", dedup.eval_embedding_threshold),
+        ("curation.filters.nsfw_threshold", filters.nsfw_threshold),
+    ) if value is not None]
+    if needs:
+        raise ValueError(
+            f"curation.scoring.model: precomputed gives clip_score only (from the sidecar column "
+            f"{scoring.score_column!r}), no embeddings or NSFW score: set {', '.join(needs)} to "
+            "null, or score with a model"
+        )
+
+
+def _check_subset_size(filters: FilterConfig, subset: SubsetConfig) -> None:
+    """The resolution contract inside curation: the basic filter must not let through images
+    smaller than the subset size, which would be upscaled (unless only_if_bigger keeps them)."""
+    if subset.only_if_bigger or int(filters.min_shorter_side) >= int(subset.shorter_side):
+        return
+    raise ValueError(
+        f"curation.subset.shorter_side={subset.shorter_side} would upscale the kept images of "
+        f"{filters.min_shorter_side}-{int(subset.shorter_side) - 1} px that "
+        f"curation.filters.min_shorter_side={filters.min_shorter_side} lets through: raise "
+        f"min_shorter_side to {subset.shorter_side}, lower shorter_side, or set "
+        "curation.subset.only_if_bigger: true (smaller images are then written as they are)"
+    )
 
 
 def check_scoring_model(params: Mapping[str, Any]) -> None:

@@ -20,7 +20,6 @@ never ask which one they have.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -130,13 +129,13 @@ class ShardTask:
 
     @property
     def path(self) -> str:
-        """The shard's path (local or fsspec URL)."""
+        """The shard's location (local path, fsspec URL or ``pipe:`` command)."""
         return self.shards.shards[0]
 
-
-def shard_file_name(path: str) -> str:
-    """The file name of a shard path (what the index stores in its ``shard`` column)."""
-    return str(path).rstrip("/").rsplit("/", 1)[-1]
+    @property
+    def name(self) -> str:
+        """The shard's id: its path relative to the pool's root (the index's ``shard`` column)."""
+        return self.shards.names[0]
 
 
 def shard_tasks(
@@ -148,13 +147,13 @@ def shard_tasks(
     ``order`` is ``shards`` (the pool's shard order) or ``table`` (the order shards first appear
     in ``table``). Raises ValueError when ``table`` names a shard the pool does not have.
     """
-    one = [dataclasses.replace(shards, shards=[path]) for path in shards.shards]
+    one = [shards.one(i) for i in range(len(shards.shards))]
     if table is None:
         return [ShardTask(i, s) for i, s in enumerate(one)]
     if table.height == 0:
         return []
     groups = table.partition_by("shard", as_dict=True, maintain_order=True)
-    by_name = {shard_file_name(s.shards[0]): s for s in one}
+    by_name = {s.names[0]: s for s in one}
     missing = sorted({key[0] for key in groups} - set(by_name))
     if missing:
         raise ValueError(
@@ -287,6 +286,5 @@ __all__ = [
     "ModelStage",
     "ShardTask",
     "make_executor",
-    "shard_file_name",
     "shard_tasks",
 ]

@@ -40,7 +40,7 @@ class FilterConfig:
 
     keep_fraction: float | None = 0.7
     threshold: float | None = None
-    min_shorter_side: int = 32
+    min_shorter_side: int = 48
     max_aspect_ratio: float = 3.0
     min_caption_words: int = 2
     nsfw_threshold: float | None = None

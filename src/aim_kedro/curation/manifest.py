@@ -7,6 +7,8 @@ but each cluster's representative is chosen among the samples that survived the 
 and the score cut then ranks the deduplicated survivors, as DFN ranks a deduplicated pool: a
 duplicate never takes a slot of the kept fraction, and a filtered sample never shadows a good
 copy of itself. Every pool sample ends kept or rejected with its reason: input = kept + rejected.
+Each sample's ``url`` and the extra columns of the pool's sidecars (img2dataset's
+``--save_additional_columns``, DataComp's metadata) are carried into both manifests.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from aim_kedro.curation.filters import LOW_CLIP_SCORE, FilterConfig, select_by_score
+from aim_kedro.curation.index import INDEX_SCHEMA
 
 MANIFEST_SCHEMA: dict[str, pl.DataType] = {
     "uid": pl.String(),
@@ -30,12 +33,24 @@ MANIFEST_SCHEMA: dict[str, pl.DataType] = {
     "reject_detail": pl.String(),
     "dedup_cluster": pl.Int64(),
     "eval_id": pl.String(),
+    "url": pl.String(),
 }
+"""The manifest's own columns; the pool's extra columns (``extra_columns``) follow."""
 
 DFN_MANIFEST_COLUMNS = (
     "uid", "caption", "clip_score", "nsfw_score", "dedup_cluster", "face_count", "face_boxes",
-    "shard", "key",
+    "shard", "key", "url",
 )
+
+
+def with_url(table: pl.DataFrame) -> pl.DataFrame:
+    """``table`` with a ``url`` column (null where a table from before urls were carried has none)."""
+    return table if "url" in table.columns else table.with_columns(url=pl.lit(None, pl.String))
+
+
+def extra_columns(table: pl.DataFrame) -> list[str]:
+    """The columns a pool's sidecars added to ``pool_index`` (and so to the manifests)."""
+    return [c for c in table.columns if c not in INDEX_SCHEMA and c not in MANIFEST_SCHEMA]
 
 
 def _decisions(
@@ -46,8 +61,8 @@ def _decisions(
 ) -> pl.DataFrame:
     """One row per indexed sample with its score and the first reason of the three stages."""
     return (
-        pool_index.select(
-            "uid", "shard", "key", "position",
+        with_url(pool_index).select(
+            "uid", "shard", "key", "position", "url", *extra_columns(pool_index),
             pl.col("reject_reason").alias("r0"), pl.col("reject_detail").alias("d0"),
         )
         .join(clip_scores.select("uid", "clip_score"), on="uid", how="left", maintain_order="left")
@@ -109,7 +124,7 @@ def build_manifest(
         kept=pl.Series(kept),
         reject_reason=pl.when(pl.Series(cut)).then(pl.lit(LOW_CLIP_SCORE)).otherwise("reject_reason"),
         reject_detail=pl.when(pl.Series(cut)).then(pl.Series(details)).otherwise("reject_detail"),
-    ).select(list(MANIFEST_SCHEMA)).cast(MANIFEST_SCHEMA)
+    ).select(list(MANIFEST_SCHEMA) + extra_columns(pool_index)).cast(MANIFEST_SCHEMA)
     n_kept = int(manifest["kept"].sum())
     n_rejected = int(manifest["reject_reason"].is_not_null().sum())
     if n_kept + n_rejected != pool_index.height or manifest["uid"].n_unique() != manifest.height:
@@ -141,8 +156,9 @@ def subset_rows(
     pool pixels, no boxes where no face was found), in manifest order. Raises AssertionError
     when a kept sample has no caption in the index."""
     rows = (
-        pool_manifest.filter(pl.col("kept"))
-        .select("uid", "shard", "key", "position", "clip_score", "dedup_cluster")
+        with_url(pool_manifest).filter(pl.col("kept"))
+        .select("uid", "shard", "key", "position", "clip_score", "dedup_cluster", "url",
+                *extra_columns(pool_manifest))
         .join(pool_index.select("uid", "caption"), on="uid", how="left", maintain_order="left")
         .join(clip_scores.select("uid", "nsfw_score"), on="uid", how="left", maintain_order="left")
         .join(face_boxes.select("uid", "boxes", "face_count"), on="uid", how="left",
@@ -159,9 +175,12 @@ def subset_rows(
 
 
 def dfn_manifest(rows: pl.DataFrame) -> pl.DataFrame:
-    """The ``dfn_manifest`` table of ``subset_rows``: ``DFN_MANIFEST_COLUMNS``, face boxes in raw
-    pool pixels (each subset sample's json has them in its own pixels)."""
-    return rows.rename({"boxes": "face_boxes"}).select(list(DFN_MANIFEST_COLUMNS))
+    """The ``dfn_manifest`` table of ``subset_rows``: ``DFN_MANIFEST_COLUMNS`` and the pool's
+    extra columns, face boxes in raw pool pixels (each subset sample's json has them in its
+    own pixels)."""
+    table = with_url(rows).rename({"boxes": "face_boxes"})
+    extras = [c for c in extra_columns(table) if c not in DFN_MANIFEST_COLUMNS]
+    return table.select(list(DFN_MANIFEST_COLUMNS) + extras)
 
 
 __all__ = [
@@ -169,5 +188,6 @@ __all__ = [
     "MANIFEST_SCHEMA",
     "build_manifest",
     "dfn_manifest",
+    "extra_columns",
     "subset_rows",
 ]

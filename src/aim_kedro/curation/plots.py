@@ -35,12 +35,13 @@ def score_groups(manifest: pl.DataFrame) -> dict[str, np.ndarray]:
 
 def thumbnail_rows(manifest: pl.DataFrame, n: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Up to ``n`` kept rows (spread over the score range) and ``n`` rejected rows (round-robin
-    over reasons), chosen deterministically."""
+    over reasons, among those a shard holds: a failed download has no picture), chosen
+    deterministically."""
     kept = manifest.filter(pl.col("kept")).sort("clip_score", descending=True)
     if kept.height > n:
         picks = np.linspace(0, kept.height - 1, n).round().astype(int)
         kept = kept[np.unique(picks).tolist()]
-    rejected = manifest.filter(~pl.col("kept")).sort("uid")
+    rejected = manifest.filter(~pl.col("kept") & pl.col("position").is_not_null()).sort("uid")
     by_reason = [g for _, g in sorted(rejected.partition_by("reject_reason", as_dict=True).items())]
     chosen: list[pl.DataFrame] = []
     for k in range(n):

@@ -25,6 +25,7 @@ from aim_kedro.curation.executors import (
     ShardTask,
     shard_tasks,
 )
+from aim_kedro.curation.index import INDEX_SCHEMA as _INDEX_COLUMNS
 from aim_kedro.curation.index import IndexConfig, decode_task
 from aim_kedro.curation.resume import (
     ShardResultCache,
@@ -181,4 +182,37 @@ def score_tables(result: Mapping[str, np.ndarray]) -> tuple[pl.DataFrame, pl.Dat
     return scores, embeddings
 
 
-__all__ = ["decode_batches", "score_index", "score_records", "score_tables", "scorer_fingerprint"]
+def precomputed_scores(index: pl.DataFrame, column: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``clip_scores`` and ``clip_embeddings`` when the pool's sidecars carry the score (DataComp's
+    ``clip_l14_similarity_score``): ``column`` of the rows no earlier stage rejected becomes
+    ``clip_score`` (a missing value is NaN, never kept); no NSFW score, no embeddings. Raises
+    ValueError naming ``curation.scoring.score_column`` when the index has no such column."""
+    if column not in index.columns:
+        raise ValueError(
+            f"curation.scoring.score_column={column!r} is not a column of pool_index: the pool's "
+            f"parquet sidecars give {[c for c in index.columns if c not in _INDEX_COLUMNS]} "
+            "(pool_index keeps every sidecar column beyond img2dataset's own)"
+        )
+    rows = index.filter(pl.col("reject_reason").is_null())
+    try:
+        values = rows[column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    except pl.exceptions.InvalidOperationError as exc:
+        raise ValueError(f"curation.scoring.score_column={column!r} is not numeric: {exc}") from exc
+    n = rows.height
+    return score_tables({
+        "uid": rows["uid"].to_numpy(),
+        "clip_score": values.astype(np.float32),
+        "nsfw_score": np.full(n, np.nan, dtype=np.float32),
+        "image_emb": np.zeros((n, 0), dtype=np.float16),
+        "text_emb": np.zeros((n, 0), dtype=np.float16),
+    })
+
+
+__all__ = [
+    "decode_batches",
+    "precomputed_scores",
+    "score_index",
+    "score_records",
+    "score_tables",
+    "scorer_fingerprint",
+]

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 from sklearn.metrics import roc_auc_score
 
-from aim_kedro.curation.reasons import STAGES
+from aim_kedro.curation.reasons import NSFW, STAGES
 
 
 def funnel(manifest: pl.DataFrame) -> dict[str, Any]:
@@ -238,10 +238,12 @@ def truth_metrics(
         )
     out["face"] = face_out
 
-    # The sample holds no NSFW image: every sample the NSFW stage judged is a false positive.
-    judged = joined.filter(pl.col("kind").is_not_null() & ~pl.col("reject_reason").is_in(
-        ["corrupt", "no_caption", "basic_filter"]).fill_null(False))
-    removed = int((judged["reject_reason"] == "nsfw").sum())
+    # The sample holds no NSFW image: every sample the NSFW stage judged (none rejected before
+    # it in STAGES) that it removed is a false positive.
+    before = list(STAGES[:STAGES.index(NSFW)])
+    judged = joined.filter(pl.col("kind").is_not_null()
+                           & ~pl.col("reject_reason").is_in(before).fill_null(False))
+    removed = int((judged["reject_reason"] == NSFW).sum())
     out["nsfw"] = {
         "benign_images_judged": judged.height,
         "removed_as_nsfw": removed,

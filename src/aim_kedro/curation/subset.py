@@ -49,6 +49,11 @@ FACE_SCHEMA: dict[str, pl.DataType] = {
 }
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+ROW_FIELDS = frozenset({
+    "uid", "shard", "key", "position", "caption", "clip_score", "nsfw_score", "dedup_cluster",
+    "boxes", "face_count", "url",
+})
+"""What a subset row holds besides the pool's extra columns, which go into the json as they are."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +241,8 @@ def subset_sample(
 ) -> Sample:
     """One subset sample: the image with faces blurred and resized, its caption and metadata.
 
-    ``row`` has uid, caption, clip_score, nsfw_score, dedup_cluster, shard, key.
+    ``row`` has uid, caption, clip_score, nsfw_score, dedup_cluster, shard, key, url and the
+    pool's extra columns (carried into the json by name).
     """
     boxes = [tuple(int(v) for v in box) for box in boxes]
     out, out_boxes = blur_and_resize(
@@ -258,7 +264,12 @@ def subset_sample(
         "height": out.height,
         "face_count": len(boxes),
         "face_boxes": [list(b) for b in out_boxes],
+        "url": row.get("url"),
     }
+    for name, value in row.items():
+        if name not in ROW_FIELDS and name not in meta:
+            meta[name] = value if isinstance(value, str | int | float | bool | list | dict) \
+                or value is None else str(value)
     return {
         "__key__": str(row["uid"]),
         cfg.image_format: encode_image(out, cfg.image_format, cfg.quality),
@@ -319,6 +330,25 @@ def _faces_left(
                      for f in found)
         left += inside or any(box_iou(box, f) >= iou for f in found)
     return left
+
+
+def resize_note(pool_index: pl.DataFrame, rows: pl.DataFrame, cfg: SubsetConfig) -> str:
+    """One line on what the subset does to the kept images' size (the shorter sides of the pool
+    images, and the subset's), for the log: a resize is never silent."""
+    sides = (
+        rows.select("uid").join(pool_index.select("uid", "width", "height"), on="uid", how="left")
+        .select(pl.min_horizontal("width", "height").alias("side"))["side"].drop_nulls()
+    )
+    if sides.is_empty():
+        return "no kept images"
+    low, high, median = int(sides.min()), int(sides.max()), int(sides.median())
+    if cfg.only_if_bigger:
+        target = f"shorter side {cfg.shorter_side} px where bigger, others as they are"
+    else:
+        target = f"shorter side {cfg.shorter_side} px"
+    verb = "downscaled to" if low >= cfg.shorter_side else "resized to"
+    return (f"kept images have shorter sides {low}-{high} px (median {median}), {verb} {target} "
+            "(curation.subset.shorter_side)")
 
 
 def check_subset(
@@ -405,6 +435,7 @@ __all__ = [
     "encode_image",
     "faces_task",
     "iter_subset",
+    "resize_note",
     "subset_sample",
     "subset_task",
 ]

@@ -48,6 +48,7 @@ NODE_ORDER = [
     "deduplicate",
     "build_pool_manifest",
     "detect_faces",
+    "export_dfn_uids",
     "write_dfn_subset",
     "check_dfn_subset",
     "report_curation",
@@ -143,7 +144,7 @@ def test_tiny_pool_runs_end_to_end(tmp_path: Path) -> None:
     assert report["funnel"]["input"] == 24 and report["truth"] is None
     assert report["funnel"]["kept"] == len(kept)
     assert set(report["seconds"]) == {n for n in NODE_ORDER if n not in (
-        "write_dfn_subset", "report_curation", "plot_curation")}
+        "export_dfn_uids", "write_dfn_subset", "report_curation", "plot_curation")}
     assert report["subset"]["written"] == len(kept) and report["subset"]["undecodable"] == 0
     assert report["nsfw"]["classifier"] == "nudenet" and report["nsfw"]["scored"] == 22
     assert report["faces"]["blur_check"]["faces_still_detected"] == 0

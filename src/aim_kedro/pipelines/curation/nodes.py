@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
@@ -36,7 +37,7 @@ from aim_kedro.curation.index import IndexConfig, build_index
 from aim_kedro.curation.manifest import build_manifest, dfn_manifest, subset_rows
 from aim_kedro.curation.nsfw import NsfwClassifierConfig, score_nsfw
 from aim_kedro.curation.plots import curation_figures
-from aim_kedro.curation.pool_scoring import score_index, score_tables
+from aim_kedro.curation.pool_scoring import precomputed_scores, score_index, score_tables
 from aim_kedro.curation.report import build_report
 from aim_kedro.curation.resume import ShardResultCache
 from aim_kedro.curation.subset import (
@@ -45,8 +46,10 @@ from aim_kedro.curation.subset import (
     detect_faces,
     drop_unchecked,
     iter_subset,
+    resize_note,
 )
 from aim_kedro.io.shards import ERROR_KEY, Sample, ShardSet, image_bytes, sample_text
+from aim_kedro.io.uids import is_hex_uid, to_datacomp
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +122,13 @@ def score_pool(
     s = block(ScoringConfig, scoring)
     run_on = block(ExecutorConfig, executor)
     start = time.perf_counter()
+    if s.model == "precomputed":
+        scores, embeddings = precomputed_scores(pool_index, str(s.score_column))
+        summary = {"model": f"precomputed:{s.score_column}", "scored": scores.height,
+                   "embed_dim": 0, "nan_scores": int(scores["clip_score"].is_nan().sum())}
+        summary["seconds"] = _done("score_pool", start, "%d precomputed scores from %s",
+                                   scores.height, s.score_column)
+        return scores, embeddings, summary
     result, summary = score_index(
         s.loader(filter_network), raw_pool, pool_index.filter(pl.col("reject_reason").is_null()),
         block(IndexConfig, index), run_on.scoring_batch_size or s.batch_size,
@@ -214,6 +224,20 @@ def build_pool_manifest(
     return manifest, summary
 
 
+def export_dfn_uids(pool_manifest: pl.DataFrame) -> np.ndarray:
+    """The kept uids in DataComp's subset format (``dfn_uids``): what its resharder reads and
+    what ``curation.index.uid_list`` applies to another copy of the pool."""
+    kept = pool_manifest.filter(pl.col("kept"))["uid"].to_list()
+    other = [uid for uid in kept if not is_hex_uid(uid)]
+    if other:
+        logger.warning("export_dfn_uids: %d kept uids are not 128-bit hex (e.g. %r): stored as "
+                       "their sha256's first 128 bits, which only this project's uid_list "
+                       "matches, not DataComp's resharder", len(other), other[0])
+    array = to_datacomp(kept)
+    logger.info("export_dfn_uids: %d kept uids in DataComp's format", array.size)
+    return array
+
+
 def detect_faces_node(
     raw_pool: ShardSet, pool_manifest: pl.DataFrame, pool_index: pl.DataFrame, faces: Params,
     index: Params, executor: Params, progress: bool,
@@ -251,8 +275,9 @@ def write_dfn_subset(
     them in its own pixels. ``check_dfn_subset`` counts what was written."""
     rows = drop_unchecked(subset_rows(pool_manifest, pool_index, clip_scores, face_boxes),
                           face_boxes)
-    samples = iter_subset(raw_pool, rows, block(SubsetConfig, subset),
-                          block(IndexConfig, index), _executor(executor, progress))
+    cfg = block(SubsetConfig, subset)
+    samples = iter_subset(raw_pool, rows, cfg, block(IndexConfig, index), _executor(executor, progress))
+    logger.info("write_dfn_subset: %s", resize_note(pool_index, rows, cfg))
     logger.info("write_dfn_subset: streaming %d samples (%d with faces) to the shard writer",
                 rows.height, int((rows["face_count"] > 0).sum()))
     return samples, dfn_manifest(rows)
@@ -330,6 +355,7 @@ __all__ = [
     "check_scoring_model",
     "deduplicate_pool",
     "detect_faces_node",
+    "export_dfn_uids",
     "plot_curation",
     "report_curation",
     "score_nsfw_node",

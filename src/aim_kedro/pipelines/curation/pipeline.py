@@ -2,8 +2,8 @@
 
 Node names are stable, for ``kedro run --pipeline curation --from-nodes <name>``:
 build_pool_index, train_filter_network, score_nsfw, score_pool, apply_filters, deduplicate,
-build_pool_manifest, detect_faces, write_dfn_subset, check_dfn_subset, report_curation,
-plot_curation. Each node takes only the ``params:curation.<block>`` entries it uses.
+build_pool_manifest, export_dfn_uids, detect_faces, write_dfn_subset, check_dfn_subset,
+report_curation, plot_curation. Each node takes only the ``params:curation.<block>`` entries it uses.
 """
 
 from kedro.pipeline import Pipeline, node
@@ -15,6 +15,7 @@ from aim_kedro.pipelines.curation.nodes import (
     check_dfn_subset,
     deduplicate_pool,
     detect_faces_node,
+    export_dfn_uids,
     plot_curation,
     report_curation,
     score_nsfw_node,
@@ -87,6 +88,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["pool_manifest", "curation_selection_stats"],
                 name="build_pool_manifest",
+            ),
+            node(
+                export_dfn_uids,
+                inputs="pool_manifest",
+                outputs="dfn_uids",
+                name="export_dfn_uids",
             ),
             node(
                 detect_faces_node,
