@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from aim_kedro.curation.blur import blur_faces  # noqa: E402
 from aim_kedro.curation.faces import box_iou, for_face_size, make_detector  # noqa: E402
+from aim_kedro.curation.filters import FilterConfig  # noqa: E402
 
 Box = tuple[float, float, float, float]
 
@@ -72,6 +73,9 @@ DETECTORS: dict[str, dict[str, Any]] = {
     "cnn": {"kind": "dlib_cnn", "min_face": 20, "max_detect_size": 1280},
     "cnn_rot": {"kind": "dlib_cnn", "min_face": 20, "max_detect_size": 1280,
                 "angles": [-25, 25]},
+    # conf/base's kind (union: the CNN's boxes and the Haar cascade's), at this min_face
+    "cnn_haar": {"kind": "union", "detectors": [
+        {"kind": "dlib_cnn", "min_face": 20, "max_detect_size": 1280}, {"kind": "opencv_haar"}]},
 }
 
 
@@ -309,8 +313,9 @@ def main() -> None:
     parser.add_argument("--yunet", default=None, help="a local YuNet .onnx file (adds 'yunet')")
     parser.add_argument("--iou", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--nsfw-threshold", type=float, default=0.5,
-                        help="curation.filters.nsfw_classifier_threshold")
+    parser.add_argument("--nsfw-threshold", type=float,
+                        default=FilterConfig().nsfw_classifier_threshold,
+                        help="curation.filters.nsfw_classifier_threshold (conf/base's)")
     parser.add_argument("--no-nsfw", action="store_true", help="skip the NSFW classifier table")
     args = parser.parse_args()
     detectors = {k: DETECTORS[k] for k in args.detectors.split(",") if k}
