@@ -20,7 +20,10 @@ from aim_kedro.curation.config import (
     check_scoring_model,
     validate_curation_params,
 )
-from aim_kedro.curation.faces import HaarCascadeDetector
+from aim_kedro.curation.faces import HaarCascadeDetector, UnionDetector
+from aim_kedro.curation.faces_dlib import DlibCnnDetector
+from aim_kedro.curation.nsfw import NudeNetClassifier
+from aim_kedro.curation.subset import FacePolicy
 
 BASE = yaml.safe_load((PROJECT / "conf/base/parameters_curation.yml").read_text())["curation"]
 
@@ -66,6 +69,10 @@ def test_bad_values_fail_naming_the_parameter() -> None:
         ("scoring", "num_threads"): (0, r"curation\.scoring\.num_threads must be a thread count"),
         ("scoring", "precision"): ("fp8", r"curation\.scoring\.precision"),
         ("faces", "detector"): ({"kind": "magic"}, r"curation\.faces\.detector: .*magic"),
+        ("faces", "unchecked"): ("blank", r"curation\.faces\.unchecked must be one of"),
+        ("faces", "sidecar"): ("merge", r"curation\.faces\.sidecar must be one of"),
+        ("nsfw", "classifier"): ("clip", r"curation\.nsfw\.classifier must be one of"),
+        ("filters", "nsfw_classifier_threshold"): (0, r"nsfw_classifier_threshold must be in"),
         ("dedup", "score_tolerance"): (2.0, r"curation\.dedup\.score_tolerance"),
         ("filter_network", "epochs"): (0, r"curation\.filter_network\.epochs must be >= 1"),
     }
@@ -79,11 +86,23 @@ def test_bad_values_fail_naming_the_parameter() -> None:
             validate_curation_params(bad)
 
 
-def test_the_whole_tree_check_builds_the_face_detector() -> None:
+def test_the_whole_tree_check_builds_the_face_detector_and_nsfw_classifier() -> None:
     cfg = validate_curation_params(BASE)
-    assert isinstance(cfg.faces.make_detector(), HaarCascadeDetector)
+    detector = cfg.faces.make_detector()
+    assert isinstance(detector, UnionDetector)
+    assert [type(d) for d in detector.detectors] == [DlibCnnDetector, HaarCascadeDetector]
+    assert cfg.faces.policy() == FacePolicy("blur", "union")
+    assert isinstance(FacesConfig(detector={"kind": "opencv_haar"}).make_detector(),
+                      HaarCascadeDetector)
     with pytest.raises(ValueError, match=r"curation\.faces\.detector: .*no option"):
         FacesConfig(detector={"kind": "opencv_haar", "scale": 2}).make_detector()
+    with pytest.raises(ValueError, match=r"curation\.faces\.detector: .*weights"):
+        FacesConfig(detector={"kind": "dlib_cnn", "weights": "/no/mmod.dat"}).make_detector()
+    assert isinstance(cfg.nsfw.make_classifier(), NudeNetClassifier)
+    bad = copy.deepcopy(BASE)
+    bad["nsfw"]["model_path"] = "/no/nudenet.onnx"
+    with pytest.raises(FileNotFoundError, match="curation.nsfw.model_path"):
+        validate_curation_params(bad)
 
 
 def test_scoring_block_binds_its_model_and_prompts(checkpoint: dict) -> None:

@@ -17,7 +17,11 @@ from aim_kedro.curation.faces import (
     NoFaceDetector,
     box_iou,
     make_detector,
+    rotated,
+    sidecar_boxes,
+    unrotate,
 )
+from aim_kedro.curation.faces_dlib import DlibCnnDetector
 
 # Face boxes read off the images (forehead to chin, ear to ear).
 ASTRONAUT_FACE = (170, 45, 285, 170)
@@ -78,7 +82,7 @@ def face_free(n: int, seed: int, size: int = 64) -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def detector() -> FaceDetector:
-    return make_detector()
+    return make_detector("opencv_haar")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +105,8 @@ def _hit(boxes, truth, threshold: float = 0.3) -> bool:
     return any(box_iou(box, truth) >= threshold for box in boxes)
 
 
-def test_default_detector_is_a_face_detector(detector):
+def test_default_detector_is_the_cnn_and_each_kind_is_a_face_detector(detector):
+    assert isinstance(make_detector(), DlibCnnDetector)
     assert isinstance(detector, FaceDetector)
     assert isinstance(detector, HaarCascadeDetector)
 
@@ -165,6 +170,28 @@ def test_grayscale_input(detector, astronaut_256):
     assert _hit(boxes, tuple(v / 2 for v in ASTRONAUT_FACE)), boxes
 
 
+def test_sidecar_boxes_are_datacomp_fractions():
+    assert sidecar_boxes([[0.1, 0.2, 0.5, 0.6]], (200, 100)) == [(20, 20, 100, 60)]
+    assert sidecar_boxes([[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.9]], (10, 10)) == [(0, 0, 10, 10)]
+    assert sidecar_boxes(None, (10, 10)) == []
+    with pytest.raises(ValueError, match=r"face_bboxes: \[12.0, 3.0, 40.0, 50.0\].*fractions"):
+        sidecar_boxes([[12.0, 3.0, 40.0, 50.0]], (64, 64))
+
+
+def test_rotated_and_back_bound_the_same_region():
+    array = np.zeros((60, 100), np.uint8)
+    array[20:30, 40:70] = 255
+    for angle in (-30.0, 25.0, 90.0):
+        turned, inverse = rotated(array, angle)
+        assert turned.shape[0] >= 60 and turned.shape[1] >= 60
+        ys, xs = np.nonzero(turned > 127)
+        rect = (float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
+                float(ys.max() - ys.min() + 1))
+        (x, y, w, h), = unrotate([rect], inverse)
+        assert x <= 41 and y <= 21 and x + w >= 69 and y + h >= 29, (angle, x, y, w, h)
+        assert w * h <= 5 * 30 * 10 < turned.size  # the bar (up to two bounding boxes), not the canvas
+
+
 def test_none_kind_finds_nothing(astronaut):
     det = make_detector("none")
     assert isinstance(det, NoFaceDetector)
@@ -184,10 +211,10 @@ def test_onnx_missing_path_raises_clearly(tmp_path):
     [
         ({"kind": "mtcnn"}, "kind 'mtcnn' is unknown"),
         ({"scale": 1.1}, r"no option\(s\) \['scale'\]"),
-        ({"scale_factor": 1.0}, "scale_factor must be > 1"),
-        ({"cascades": ["frontalface_nope"]}, "cascades: 'frontalface_nope'"),
-        ({"detect_size": 256, "max_detect_size": 128}, "max_detect_size"),
-        ({"pad": 2.0}, "pad must be in"),
+        ({"kind": "opencv_haar", "scale_factor": 1.0}, "scale_factor must be > 1"),
+        ({"kind": "opencv_haar", "cascades": ["frontalface_nope"]}, "cascades: 'frontalface_nope'"),
+        ({"kind": "opencv_haar", "detect_size": 256, "max_detect_size": 128}, "max_detect_size"),
+        ({"kind": "opencv_haar", "pad": 2.0}, "pad must be in"),
     ],
 )
 def test_bad_params_name_the_option(params, match):

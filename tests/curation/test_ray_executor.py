@@ -26,8 +26,8 @@ from aim_kedro.datasets import WebDatasetShards
 from aim_kedro.pipelines.curation import create_pipeline
 from aim_kedro.pipelines.curation.nodes import validate_curation_params
 
-COMPARED = ("pool_index", "clip_scores", "clip_embeddings", "face_boxes", "pool_manifest",
-            "dfn_manifest")
+COMPARED = ("pool_index", "clip_scores", "clip_embeddings", "nsfw_scores", "face_boxes",
+            "pool_manifest", "dfn_manifest")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,7 @@ def test_ray_path_gives_the_local_manifest_and_subset(tmp_path: Path, local_ray:
     assert on_ray.load("curation_index_stats")["executor"] == "ray"
     assert on_ray.load("curation_scoring_stats")["executor"] == "ray"
     assert on_ray.load("curation_face_stats")["executor"] == "ray"
+    assert on_ray.load("curation_nsfw_stats")["executor"] == "ray"
     for name in COMPARED:
         assert_frame_equal(on_ray.load(name), local.load(name), check_exact=True)
     manifest = on_ray.load("pool_manifest")

@@ -9,6 +9,7 @@ builds the face detector to prove its options (which no node pays for twice).
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from aim_kedro.curation.faces import FaceDetector, make_detector
 from aim_kedro.curation.filter_network import FilterNetworkConfig
 from aim_kedro.curation.filters import FilterConfig
 from aim_kedro.curation.index import IndexConfig
+from aim_kedro.curation.nsfw import NsfwClassifierConfig
 from aim_kedro.curation.scoring import ClipScorer, NsfwConfig
-from aim_kedro.curation.subset import SubsetConfig
+from aim_kedro.curation.subset import FacePolicy, SubsetConfig
 
 SCORING_MODELS = ("filter_network", "open_clip", "precomputed")
 
@@ -141,27 +143,42 @@ class ScoringConfig:
             ) from exc
 
 
+DEFAULT_FACE_DETECTOR: dict[str, Any] = {"kind": "union", "detectors": [
+    {"kind": "dlib_cnn", "min_face": 32, "max_detect_size": 1024, "angles": []},
+    {"kind": "opencv_haar"},
+]}
+
+
 @dataclass(frozen=True)
 class FacesConfig:
-    """The face detector (``curation.faces``): ``detector`` holds ``make_detector``'s options
-    (``kind`` and that kind's settings)."""
+    """The face stage (``curation.faces``): ``detector`` holds ``make_detector``'s options
+    (``kind`` and that kind's settings); ``unchecked`` says what happens to an image the
+    detector cannot check for faces of ``min_face`` px (blur | drop | keep); ``sidecar`` how
+    DataComp-style ``face_bboxes`` of the pool are used (union | replace | ignore)."""
 
-    detector: Mapping[str, Any] = field(default_factory=lambda: {"kind": "opencv_haar"})
+    detector: Mapping[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_FACE_DETECTOR))
+    unchecked: str = "blur"
+    sidecar: str = "union"
 
     def __post_init__(self) -> None:
         if not isinstance(self.detector, Mapping):
             raise ValueError(
-                f"curation.faces.detector must be a mapping such as {{kind: opencv_haar}}, got "
+                f"curation.faces.detector must be a mapping such as {{kind: dlib_cnn}}, got "
                 f"{type(self.detector).__name__}"
             )
         object.__setattr__(self, "detector", dict(self.detector))
+        self.policy()
+
+    def policy(self) -> FacePolicy:
+        """The unchecked-image and sidecar policy of this block."""
+        return FacePolicy(unchecked=self.unchecked, sidecar=self.sidecar)
 
     def make_detector(self) -> FaceDetector:
         """The detector ``detector`` describes; a bad kind, option or model path raises a
         ValueError naming ``curation.faces.detector``."""
         try:
             return make_detector(**self.detector)
-        except (ValueError, FileNotFoundError, TypeError) as exc:
+        except (ValueError, FileNotFoundError, TypeError, ImportError) as exc:
             raise ValueError(f"curation.faces.detector: {exc}") from exc
 
 
@@ -191,6 +208,7 @@ class CurationConfig:
     filter_network: FilterNetworkConfig = field(default_factory=FilterNetworkConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    nsfw: NsfwClassifierConfig = field(default_factory=NsfwClassifierConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     faces: FacesConfig = field(default_factory=FacesConfig)
     subset: SubsetConfig = field(default_factory=SubsetConfig)
@@ -203,6 +221,7 @@ BLOCKS: dict[str, Any] = {
     "filter_network": FilterNetworkConfig,
     "scoring": ScoringConfig,
     "filters": FilterConfig,
+    "nsfw": NsfwClassifierConfig,
     "dedup": DedupConfig,
     "faces": FacesConfig,
     "subset": SubsetConfig,
@@ -229,13 +248,15 @@ def check_progress(value: Any) -> bool:
 
 def validate_curation_params(params: Mapping[str, Any]) -> CurationConfig:
     """Check every value of ``params:curation`` and return it typed; raise ValueError naming the
-    parameter and the fix. Reads no data and loads no model; builds the face detector once,
-    so a bad detector option fails here rather than in ``detect_faces``."""
+    parameter and the fix. Reads no data and loads no model; builds the face detector and
+    the NSFW classifier once, so a bad option or a missing weights file fails here rather
+    than in ``detect_faces`` or ``score_nsfw``."""
     if not isinstance(params, Mapping):
         raise ValueError(f"params:curation must be a mapping, got {type(params).__name__}")
     check_keys(params, SECTIONS, "curation")
     blocks = {name: block(cls, params.get(name)) for name, cls in BLOCKS.items()}
     blocks["faces"].make_detector()
+    blocks["nsfw"].make_classifier()
     _check_precomputed(blocks["scoring"], blocks["filters"], blocks["dedup"])
     _check_subset_size(blocks["filters"], blocks["subset"])
     if blocks["index"].uid_list is not None:

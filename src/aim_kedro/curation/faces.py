@@ -10,15 +10,23 @@ Kinds:
   found; boxes are mapped back and clipped.
 - ``onnx``: a YuNet ONNX model (OpenCV Zoo ``face_detection_yunet_*.onnx``) at a local ``path``,
   run through ``cv2.FaceDetectorYN``.
+- ``dlib_cnn`` / ``dlib_hog``: dlib's MMOD CNN (weights from the ``face-recognition-models``
+  wheel) and HOG detectors, at a working scale chosen from ``min_face``, with rotated passes
+  (``faces_dlib.py``).
 - ``none``: finds nothing (for pools known to hold no faces).
+- ``union``: several of the above on each image, their boxes merged.
 
 Detectors load their model lazily and drop it when pickled, so they can be shipped to workers.
+A detector whose working resolution is bounded says, through ``unchecked(size)``, when it
+cannot check an image for faces as small as it was asked to (``face_check``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,7 +58,7 @@ def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _suppress(boxes: list[Box], iou_threshold: float) -> list[Box]:
+def merge_overlapping(boxes: list[Box], iou_threshold: float) -> list[Box]:
     """Keep the larger of any two boxes overlapping by more than ``iou_threshold``."""
     kept: list[Box] = []
     for box in sorted(boxes, key=lambda b: (-(b[2] - b[0]) * (b[3] - b[1]), b)):
@@ -82,6 +90,20 @@ class _Frame:
         return out
 
 
+def make_frame(array: np.ndarray, scale: float, pad: float, size: tuple[int, int]) -> _Frame:
+    """Resize ``array`` (an image of ``size`` (w, h)) by ``scale`` and pad its edges by ``pad``
+    x the resized shorter side (edge pixels repeated)."""
+    width, height = size
+    if scale != 1.0:
+        new = (max(1, round(width * scale)), max(1, round(height * scale)))
+        interp = cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
+        array = cv2.resize(array, new, interpolation=interp)
+    pad_px = round(pad * min(array.shape[:2]))
+    if pad_px:
+        array = cv2.copyMakeBorder(array, pad_px, pad_px, pad_px, pad_px, cv2.BORDER_REPLICATE)
+    return _Frame(array=np.ascontiguousarray(array), scale=scale, pad=pad_px, size=size)
+
+
 def _prepare(
     image: Image.Image, detect_size: int, pad: float, max_detect_size: int | None, gray: bool
 ) -> _Frame:
@@ -95,14 +117,39 @@ def _prepare(
     elif max_detect_size is not None and shorter > max_detect_size:
         scale = max_detect_size / shorter
     array = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY if gray else cv2.COLOR_RGB2BGR)
-    if scale != 1.0:
-        new = (max(1, round(width * scale)), max(1, round(height * scale)))
-        interp = cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
-        array = cv2.resize(array, new, interpolation=interp)
-    pad_px = round(pad * min(array.shape[:2]))
-    if pad_px:
-        array = cv2.copyMakeBorder(array, pad_px, pad_px, pad_px, pad_px, cv2.BORDER_REPLICATE)
-    return _Frame(array=array, scale=scale, pad=pad_px, size=(width, height))
+    return make_frame(array, scale, pad, (width, height))
+
+
+def rotated(array: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` rotated by ``angle`` degrees (counter-clockwise) on a canvas that holds all of
+    it (edges repeated), and the 2x3 affine that maps the rotated canvas back."""
+    if angle == 0:
+        return array, np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    height, width = array.shape[:2]
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), float(angle), 1.0)
+    cos, sin = abs(matrix[0, 0]), abs(matrix[0, 1])
+    new_w = math.ceil(height * sin + width * cos)
+    new_h = math.ceil(height * cos + width * sin)
+    matrix[0, 2] += new_w / 2 - width / 2
+    matrix[1, 2] += new_h / 2 - height / 2
+    out = cv2.warpAffine(array, matrix, (new_w, new_h), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE)
+    return np.ascontiguousarray(out), cv2.invertAffineTransform(matrix)
+
+
+def unrotate(
+    rects: list[tuple[float, float, float, float]], inverse: np.ndarray
+) -> list[tuple[float, float, float, float]]:
+    """``(x, y, w, h)`` rects of a rotated canvas -> the ``(x, y, w, h)`` rects, upright, that
+    bound their corners in the canvas before rotation (``rotated``'s inverse affine)."""
+    out = []
+    for x, y, w, h in rects:
+        corners = np.array([[x, y, 1], [x + w, y, 1], [x, y + h, 1], [x + w, y + h, 1]], float)
+        back = corners @ inverse.T
+        x0, y0 = back.min(axis=0)
+        x1, y1 = back.max(axis=0)
+        out.append((float(x0), float(y0), float(x1 - x0), float(y1 - y0)))
+    return out
 
 
 def _cascade_path(name: str) -> str:
@@ -196,7 +243,7 @@ class HaarCascadeDetector:
                 rects.extend((frame_w - x - w, y, w, h) for x, y, w, h in found)
         # Sorted: OpenCV returns the boxes in an order that depends on its thread count.
         boxes = sorted(frame.to_image_boxes(rects))
-        return _suppress(boxes, self.iou_threshold) if len(self.cascades) > 1 else boxes
+        return merge_overlapping(boxes, self.iou_threshold) if len(self.cascades) > 1 else boxes
 
 
 @dataclass
@@ -254,6 +301,45 @@ class NoFaceDetector:
         return []
 
 
+@dataclass
+class UnionDetector:
+    """Several detectors on the same image, their boxes merged (``kind: union``): a face any of
+    them finds is blurred. ``detectors`` holds each one's ``make_detector`` options; the image
+    is unchecked when any member cannot check it."""
+
+    detectors: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.detectors:
+            raise ValueError("union needs 'detectors': a list of detector options, e.g. "
+                             "[{kind: dlib_cnn}, {kind: opencv_haar}]")
+        members = []
+        for i, options in enumerate(self.detectors):
+            if isinstance(options, Mapping):
+                if options.get("kind") == "union":
+                    raise ValueError("union: a member cannot be a union itself")
+                try:
+                    options = make_detector(**options)
+                except (ValueError, FileNotFoundError) as exc:
+                    raise type(exc)(f"detectors[{i}]: {exc}") from exc
+            members.append(options)
+        self.detectors = tuple(members)
+
+    def detect(self, image: Image.Image) -> list[Box]:
+        """The boxes of every member, the larger of two overlapping ones kept."""
+        boxes = [box for detector in self.detectors for box in detector.detect(image)]
+        return merge_overlapping(sorted(boxes), 0.3)
+
+    def unchecked(self, size: tuple[int, int]) -> str | None:
+        """The first member's reason for not checking an image of ``size``, or None."""
+        for detector in self.detectors:
+            check = getattr(detector, "unchecked", None)
+            reason = check(size) if check is not None else None
+            if reason is not None:
+                return reason
+        return None
+
+
 def _check_sizes(detect_size: int, max_detect_size: int | None, pad: float) -> None:
     if detect_size < 1:
         raise ValueError(f"detect_size must be >= 1 (e.g. 128), got {detect_size}")
@@ -269,18 +355,27 @@ _KINDS: dict[str, type] = {
     "opencv_haar": HaarCascadeDetector,
     "onnx": YuNetOnnxDetector,
     "none": NoFaceDetector,
+    "union": UnionDetector,
 }
 
 
-def make_detector(kind: str = "opencv_haar", **options: Any) -> FaceDetector:
+def detector_kinds() -> dict[str, type]:
+    """Every detector kind by name (the dlib ones are imported here, not at module import)."""
+    from aim_kedro.curation.faces_dlib import DlibCnnDetector, DlibHogDetector
+
+    return {**_KINDS, "dlib_cnn": DlibCnnDetector, "dlib_hog": DlibHogDetector}
+
+
+def make_detector(kind: str = "dlib_cnn", **options: Any) -> FaceDetector:
     """Build a face detector from a params dict: ``make_detector(**params)``.
 
     Raises ValueError naming an unknown ``kind`` or option, FileNotFoundError for a missing
-    ``onnx`` model ``path``.
+    ``onnx`` model ``path`` or dlib ``weights`` file.
     """
-    if kind not in _KINDS:
-        raise ValueError(f"face detector kind {kind!r} is unknown; use one of {sorted(_KINDS)}")
-    cls = _KINDS[kind]
+    kinds = detector_kinds()
+    if kind not in kinds:
+        raise ValueError(f"face detector kind {kind!r} is unknown; use one of {sorted(kinds)}")
+    cls = kinds[kind]
     allowed = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(options) - allowed)
     if unknown:
@@ -290,3 +385,51 @@ def make_detector(kind: str = "opencv_haar", **options: Any) -> FaceDetector:
     if kind == "onnx" and "path" not in options:
         raise ValueError("face detector kind 'onnx' needs option 'path' (a local YuNet .onnx file)")
     return cls(**options)
+
+
+SIDECAR_COLUMN = "face_bboxes"
+"""The column of a DataComp-style parquet sidecar (and of ``pool_index`` when it carries one)
+with face boxes ``[x0, y0, x1, y1]`` as fractions of the image's width and height."""
+
+
+def sidecar_boxes(values: Any, size: tuple[int, int]) -> list[Box]:
+    """DataComp's normalised ``face_bboxes`` of one image -> pixel boxes of an image of ``size``
+    (w, h), rounded outwards and clipped; a box that is not 4 numbers in [0, 1] raises."""
+    width, height = size
+    out: list[Box] = []
+    for box in values or []:
+        coords = [float(v) for v in box]
+        if len(coords) != 4 or not all(-0.01 <= v <= 1.01 for v in coords):
+            raise ValueError(
+                f"{SIDECAR_COLUMN}: {list(box)} is not a box [x0, y0, x1, y1] in fractions of "
+                "the image (DataComp's convention)"
+            )
+        x0, y0, x1, y1 = coords
+        bx0, by0 = max(0, math.floor(x0 * width)), max(0, math.floor(y0 * height))
+        bx1, by1 = min(width, math.ceil(x1 * width)), min(height, math.ceil(y1 * height))
+        if bx1 > bx0 and by1 > by0:
+            out.append((bx0, by0, bx1, by1))
+    return out
+
+
+def face_check(detector: FaceDetector, image: Image.Image) -> tuple[list[Box], str | None]:
+    """The face boxes of ``image`` and, when the detector cannot check it for faces as small as
+    it was asked to (its working resolution is bounded), why not; else None."""
+    unchecked = getattr(detector, "unchecked", None)
+    reason = unchecked(image.size) if unchecked is not None else None
+    return detector.detect(image), reason
+
+
+def for_face_size(detector: FaceDetector, side: float) -> FaceDetector:
+    """The same detector set to find faces down to ``side`` px (a detector with ``min_face``),
+    e.g. to look again for a blurred face of a known size; others are returned as they are."""
+    if isinstance(detector, UnionDetector):
+        return UnionDetector(tuple(for_face_size(d, side) for d in detector.detectors))
+    if dataclasses.is_dataclass(detector) and hasattr(detector, "min_face"):
+        wanted = max(1, min(detector.min_face, int(side)))
+        if wanted == detector.min_face:
+            return detector
+        clone = dataclasses.replace(detector, min_face=wanted)
+        clone._model = detector._model  # the loaded model is shared, not loaded again
+        return clone
+    return detector

@@ -32,7 +32,8 @@ class FilterConfig:
     ``keep_fraction`` keeps the best-scoring fraction of the samples that reach the score cut
     (DFN keeps 0.15); an absolute ``threshold`` on ``clip_score`` replaces it when set. The basic
     filters follow DataComp: shorter side, aspect ratio and caption length in words.
-    ``nsfw_threshold`` rejects samples whose ``nsfw_score`` is at least that (null: no cut).
+    ``nsfw_threshold`` rejects samples whose zero-shot ``nsfw_score`` is at least that (null: no
+    cut); ``nsfw_classifier_threshold`` those whose NSFW classifier score (``curation.nsfw``) is.
     The defaults are conf/base's, tuned for the sample (DFN: keep_fraction 0.15; DataComp:
     min_shorter_side 200; with a real CLIP, nsfw_threshold 0.5).
     """
@@ -43,6 +44,7 @@ class FilterConfig:
     max_aspect_ratio: float = 3.0
     min_caption_words: int = 2
     nsfw_threshold: float | None = None
+    nsfw_classifier_threshold: float | None = 0.6
 
     def __post_init__(self) -> None:
         if self.threshold is None and self.keep_fraction is None:
@@ -86,6 +88,13 @@ class FilterConfig:
                 f"{self.nsfw_threshold}"
             )
 
+        threshold = self.nsfw_classifier_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not 0.0 < float(threshold) <= 1.0):
+            raise ValueError(
+                f"curation.filters.nsfw_classifier_threshold must be in (0, 1] or null (no cut "
+                f"on the classifier's score), got {threshold!r}"
+            )
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> FilterConfig:
         """Build from ``curation.filters``; an unknown key raises a ValueError naming the valid ones."""
@@ -114,40 +123,57 @@ def basic_filter_detail(
     return "; ".join(problems) or None
 
 
-def filter_decisions(index: pl.DataFrame, scores: pl.DataFrame, cfg: FilterConfig) -> pl.DataFrame:
+def _nsfw_detail(nsfw: float | None, classifier: float | None, label: str | None,
+                 cfg: FilterConfig) -> str | None:
+    """Why a sample is NSFW (the zero-shot score, then the classifier's), or None."""
+    if cfg.nsfw_threshold is not None and nsfw is not None and not math.isnan(nsfw) \
+            and nsfw >= cfg.nsfw_threshold:
+        return f"nsfw_score {nsfw:.3f} >= {cfg.nsfw_threshold:g}"
+    limit = cfg.nsfw_classifier_threshold
+    if limit is not None and classifier is not None and not math.isnan(classifier) \
+            and classifier >= limit:
+        return f"nsfw classifier {label or 'score'} {classifier:.3f} >= {limit:g}"
+    return None
+
+
+def filter_decisions(
+    index: pl.DataFrame,
+    scores: pl.DataFrame,
+    cfg: FilterConfig,
+    classifier_scores: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """Basic-filter and NSFW decisions for the samples the index accepted.
 
-    ``index`` has uid, width, height, caption, reject_reason; ``scores`` has uid and nsfw_score.
-    Returns one row per index row: uid, reject_reason (``basic_filter``, ``nsfw`` or null),
-    reject_detail. Samples the index already rejected get null here (their reason comes first).
+    ``index`` has uid, width, height, caption, reject_reason; ``scores`` has uid and nsfw_score;
+    ``classifier_scores`` (``curation.nsfw``'s table) uid, nsfw_classifier_score and
+    nsfw_classifier_label. Returns one row per index row: uid, reject_reason
+    (``basic_filter``, ``nsfw`` or null), reject_detail. Samples the index already rejected get
+    null here (their reason comes first).
     """
     table = index.select("uid", "width", "height", "caption", "reject_reason").join(
         scores.select("uid", "nsfw_score"), on="uid", how="left"
     )
+    if classifier_scores is not None and classifier_scores.height:
+        table = table.join(classifier_scores.select(
+            "uid", "nsfw_classifier_score", "nsfw_classifier_label"), on="uid", how="left",
+            maintain_order="left")
+    else:
+        table = table.with_columns(nsfw_classifier_score=pl.lit(None, pl.Float32),
+                                   nsfw_classifier_label=pl.lit(None, pl.String))
     reasons: list[str | None] = []
     details: list[str | None] = []
-    for width, height, caption, earlier, nsfw in table.select(
-        "width", "height", "caption", "reject_reason", "nsfw_score"
+    for width, height, caption, earlier, nsfw, classifier, label in table.select(
+        "width", "height", "caption", "reject_reason", "nsfw_score", "nsfw_classifier_score",
+        "nsfw_classifier_label",
     ).iter_rows():
         if earlier is not None:
             reasons.append(None)
             details.append(None)
             continue
         detail = basic_filter_detail(width, height, caption, cfg)
-        if detail is not None:
-            reasons.append(BASIC_FILTER)
-            details.append(detail)
-        elif (
-            cfg.nsfw_threshold is not None
-            and nsfw is not None
-            and not math.isnan(nsfw)
-            and nsfw >= cfg.nsfw_threshold
-        ):
-            reasons.append(NSFW)
-            details.append(f"nsfw_score {nsfw:.3f} >= {cfg.nsfw_threshold:g}")
-        else:
-            reasons.append(None)
-            details.append(None)
+        nsfw_detail = None if detail is not None else _nsfw_detail(nsfw, classifier, label, cfg)
+        reasons.append(BASIC_FILTER if detail is not None else NSFW if nsfw_detail else None)
+        details.append(detail or nsfw_detail)
     return pl.DataFrame(
         {"uid": table["uid"], "reject_reason": reasons, "reject_detail": details},
         schema=DECISION_SCHEMA,

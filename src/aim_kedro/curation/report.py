@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 from sklearn.metrics import roc_auc_score
 
-from aim_kedro.curation.reasons import STAGES
+from aim_kedro.curation.reasons import NSFW, STAGES
 
 
 def funnel(manifest: pl.DataFrame) -> dict[str, Any]:
@@ -206,7 +206,7 @@ def truth_metrics(
     face_out: dict[str, Any] = {"count": face_rows.height, "kept": int(face_rows["kept"].sum())}
     if faces is not None:
         found = {uid: boxes for uid, boxes in faces.select("uid", "boxes").iter_rows()}
-        boxes_total = boxes_hit = images_hit = images = 0
+        boxes_total = boxes_hit = images_hit = images = images_all = 0
         for uid, truth_boxes, kept in face_rows.select("uid", "face_boxes", "kept").iter_rows():
             if not kept or uid not in found:
                 continue
@@ -216,6 +216,7 @@ def truth_metrics(
             boxes_total += len(truth_boxes)
             boxes_hit += hits
             images_hit += bool(found[uid])
+            images_all += hits == len(truth_boxes)
         non_face = joined.filter(pl.col("kind").is_not_null() & (pl.col("kind") != "face"))
         false_images = sum(
             1 for uid in non_face["uid"].to_list() if found.get(uid)
@@ -226,6 +227,7 @@ def truth_metrics(
                 "kept_face_images_checked": images,
                 "images_with_a_detection": images_hit,
                 "image_recall": _fraction(images_hit, images),
+                "images_with_every_face_blurred": images_all,
                 "truth_boxes": boxes_total,
                 "truth_boxes_found": boxes_hit,
                 "box_recall": _fraction(boxes_hit, boxes_total),
@@ -235,6 +237,18 @@ def truth_metrics(
             }
         )
     out["face"] = face_out
+
+    # The sample holds no NSFW image: every sample the NSFW stage judged (none rejected before
+    # it in STAGES) that it removed is a false positive.
+    before = list(STAGES[:STAGES.index(NSFW)])
+    judged = joined.filter(pl.col("kind").is_not_null()
+                           & ~pl.col("reject_reason").is_in(before).fill_null(False))
+    removed = int((judged["reject_reason"] == NSFW).sum())
+    out["nsfw"] = {
+        "benign_images_judged": judged.height,
+        "removed_as_nsfw": removed,
+        "false_positive_rate": _fraction(removed, judged.height),
+    }
     return out
 
 
@@ -263,17 +277,19 @@ def build_report(
     subset figures and, with a truth table, each stage's precision and recall against it.
 
     ``stage_stats`` maps each stage (node name) to its summary: ``build_pool_manifest`` gives
-    the cut, ``score_pool`` the model, ``deduplicate``, ``detect_faces`` and
-    ``check_dfn_subset`` their figures; ``filter_network`` is the training metadata. Raises
+    the cut, ``score_pool`` the model, ``score_nsfw``, ``deduplicate``, ``detect_faces`` and
+    ``check_dfn_subset`` their figures (the subset's blur check also under ``faces``); ``filter_network`` is the training metadata. Raises
     AssertionError when the funnel does not add up or the subset does not hold the kept rows.
     """
     flow = funnel(manifest)
     if flow["input"] != flow["kept"] + flow["rejected"]:
         raise AssertionError("curation report: input != kept + rejected")
     subset = dict(stage_stats.get("check_dfn_subset") or {})
-    if subset.get("kept", flow["kept"]) != flow["kept"]:
+    dropped = int((stage_stats.get("detect_faces") or {}).get("dropped_unchecked") or 0)
+    if subset.get("kept", flow["kept"] - dropped) + dropped != flow["kept"]:
         raise AssertionError(
-            f"dfn_manifest has {subset['kept']} rows but the pool manifest keeps {flow['kept']}"
+            f"dfn_manifest has {subset['kept']} rows (+ {dropped} dropped as unchecked for "
+            f"faces) but the pool manifest keeps {flow['kept']}"
         )
     selection = stage_stats.get("build_pool_manifest") or {}
     train = dict(filter_network or {})
@@ -303,7 +319,10 @@ def build_report(
         "filter_network": train,
         "dedup": {k: v for k, v in figures("deduplicate").items() if k != "cluster_match_kinds"},
         "dedup_clusters": dedup_clusters(stage_stats.get("deduplicate") or {}),
-        "faces": figures("detect_faces"),
+        "faces": {**figures("detect_faces"),
+                  "blur_check": (stage_stats.get("check_dfn_subset") or {}).get("blur_check")},
+        "nsfw": {**figures("score_nsfw"),
+                 "removed": flow["by_reason"].get("nsfw", 0)},
         "subset": figures("check_dfn_subset"),
         "truth": None,
     }

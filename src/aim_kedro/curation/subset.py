@@ -17,14 +17,25 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import polars as pl
 from PIL import Image
 
 from aim_kedro.common.config import from_mapping
 from aim_kedro.curation.blur import blur_and_resize
 from aim_kedro.curation.executors import Executor, LocalExecutor, ShardTask, shard_tasks
-from aim_kedro.curation.faces import FaceDetector
+from aim_kedro.curation.faces import (
+    SIDECAR_COLUMN,
+    Box,
+    FaceDetector,
+    box_iou,
+    face_check,
+    for_face_size,
+    merge_overlapping,
+    sidecar_boxes,
+)
 from aim_kedro.curation.index import IndexConfig, decode_member, decode_task, read_task
+from aim_kedro.io.decode import decode_image
 from aim_kedro.io.shards import Sample, ShardSet, sample_json
 
 logger = logging.getLogger(__name__)
@@ -33,6 +44,8 @@ FACE_SCHEMA: dict[str, pl.DataType] = {
     "uid": pl.String(),
     "boxes": pl.List(pl.List(pl.Int32())),
     "face_count": pl.Int32(),
+    "unchecked": pl.String(),  # why the detector could not check the image, or null
+    "dropped": pl.Boolean(),  # left out of the subset (curation.faces.unchecked: drop)
 }
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
@@ -124,26 +137,77 @@ def reusable_bytes(found: tuple[str, bytes] | None, image_format: str) -> bytes 
     return data if plain else None
 
 
+UNCHECKED_POLICIES = ("blur", "drop", "keep")
+SIDECAR_MODES = ("union", "replace", "ignore")
+
+
+@dataclass(frozen=True)
+class FacePolicy:
+    """What ``detect_faces`` does with an image the detector cannot check for faces as small as
+    it was asked to (``unchecked``: blur the whole image, drop it from the subset, or keep it
+    as found) and with sidecar face boxes (``sidecar``: merge them with the detector's, use
+    them instead of running the detector, or ignore them)."""
+
+    unchecked: str = "blur"
+    sidecar: str = "union"
+
+    def __post_init__(self) -> None:
+        if self.unchecked not in UNCHECKED_POLICIES:
+            raise ValueError(
+                f"curation.faces.unchecked must be one of {list(UNCHECKED_POLICIES)}, got "
+                f"{self.unchecked!r}"
+            )
+        if self.sidecar not in SIDECAR_MODES:
+            raise ValueError(
+                f"curation.faces.sidecar must be one of {list(SIDECAR_MODES)}, got {self.sidecar!r}"
+            )
+
+
+def _image_faces(
+    detector: FaceDetector, image: Image.Image, given: Any, policy: FacePolicy
+) -> tuple[list[Box], str | None, bool]:
+    """Boxes, why the image is unchecked (or None) and whether it is dropped, for one image;
+    ``given`` is its sidecar boxes (None: no sidecar)."""
+    sidecar = sidecar_boxes(given, image.size) if given is not None else None
+    if sidecar is not None and policy.sidecar == "replace":
+        return sidecar, None, False
+    try:
+        found, reason = face_check(detector, image)
+    except (RuntimeError, cv2.error) as exc:
+        found, reason = [], f"the detector failed: {exc}"
+    if sidecar:
+        found = merge_overlapping(sorted(found + sidecar), 0.3)
+    if reason is not None and policy.unchecked == "blur":
+        found = [(0, 0, image.width, image.height)]
+    return found, reason, reason is not None and policy.unchecked == "drop"
+
+
 def faces_task(
-    task: ShardTask, detector: FaceDetector, index_cfg: IndexConfig
+    task: ShardTask, detector: FaceDetector, index_cfg: IndexConfig,
+    policy: FacePolicy | None = None,
 ) -> tuple[pl.DataFrame, int]:
-    """Stage function: the face table (uid, boxes, face_count) of one shard task's rows, and
-    how many of its images no longer decode (they get no boxes)."""
-    uids: list[str] = []
-    boxes: list[list[list[int]]] = []
+    """Stage function: the face table (``FACE_SCHEMA``) of one shard task's rows, and how many
+    of its images no longer decode (they get no boxes). Rows with a ``face_bboxes`` column
+    (a DataComp-style sidecar) bring their own boxes, used as ``policy.sidecar`` says."""
+    policy = policy or FacePolicy()
+    use_sidecar = (policy.sidecar != "ignore" and task.rows is not None
+                   and SIDECAR_COLUMN in task.rows.columns)
+    columns: dict[str, list[Any]] = {name: [] for name in FACE_SCHEMA}
     failed = 0
     for row, image in decode_task(task, index_cfg):
-        found: list[list[int]] = []
+        found: list[Box] = []
+        reason, dropped = None, False
         if image is None:
             failed += 1
         else:
-            found = [[int(v) for v in box] for box in detector.detect(image)]
-        uids.append(row["uid"])
-        boxes.append(found)
-    table = pl.DataFrame(
-        {"uid": uids, "boxes": boxes, "face_count": [len(b) for b in boxes]}, schema=FACE_SCHEMA
-    )
-    return table, failed
+            given = row.get(SIDECAR_COLUMN) if use_sidecar else None
+            found, reason, dropped = _image_faces(detector, image, given, policy)
+        columns["uid"].append(row["uid"])
+        columns["boxes"].append([[int(v) for v in box] for box in found])
+        columns["face_count"].append(len(found))
+        columns["unchecked"].append(reason)
+        columns["dropped"].append(dropped)
+    return pl.DataFrame(columns, schema=FACE_SCHEMA), failed
 
 
 def detect_faces(
@@ -153,25 +217,52 @@ def detect_faces(
     index_cfg: IndexConfig,
     executor: Executor | None = None,
     progress: bool = True,
+    policy: FacePolicy | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Run the face detector on every row's image (rows: uid, shard, key, position), one task
-    per shard on ``executor`` (local by default; the detector is shipped to each worker, its
-    model loaded there); return the face table in the pool's shard order and a summary."""
+    """Run the face detector on every row's image (rows: uid, shard, key, position and, from a
+    sidecar, face_bboxes), one task per shard on ``executor`` (local by default; the detector is
+    shipped to each worker, its model loaded there); return the face table in the pool's shard
+    order and a summary."""
+    policy = policy or FacePolicy()
     executor = executor or LocalExecutor(progress)
     start = time.perf_counter()
-    work = functools.partial(faces_task, detector=detector, index_cfg=index_cfg)
+    work = functools.partial(faces_task, detector=detector, index_cfg=index_cfg, policy=policy)
     parts = executor.map_shards(work, shard_tasks(shards, rows), desc="detect faces")
     tables = [table for table, _ in parts]
     table = pl.concat(tables, how="vertical") if tables else pl.DataFrame(schema=FACE_SCHEMA)
+    unchecked = int(table["unchecked"].is_not_null().sum())
+    sidecar = 0
+    if SIDECAR_COLUMN in rows.columns and policy.sidecar != "ignore":
+        sidecar = int(rows[SIDECAR_COLUMN].is_not_null().sum())
     summary = {
         "images": table.height,
         "images_with_faces": int((table["face_count"] > 0).sum()),
         "faces": int(table["face_count"].sum()),
         "undecodable": sum(failed for _, failed in parts),
+        "unchecked": unchecked,
+        "unchecked_policy": policy.unchecked,
+        "dropped_unchecked": int(table["dropped"].sum()),
+        "with_sidecar_boxes": sidecar,
+        "sidecar": policy.sidecar,
+        "detector": type(detector).__name__,
         **executor.describe(),
         "seconds": round(time.perf_counter() - start, 3),
     }
+    if unchecked:
+        logger.warning("detect_faces: %d images could not be checked for faces (%s), e.g. %s; "
+                       "curation.faces.unchecked: %s", unchecked, "bounded working resolution",
+                       table.filter(pl.col("unchecked").is_not_null())["unchecked"][0],
+                       policy.unchecked)
     return table, summary
+
+
+def drop_unchecked(rows: pl.DataFrame, face_boxes: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` (with uid) less those ``face_boxes`` marks dropped (``curation.faces.unchecked:
+    drop``); the face summary counts them."""
+    if "dropped" not in face_boxes.columns:
+        return rows
+    dropped = face_boxes.filter(pl.col("dropped"))["uid"]
+    return rows.filter(~pl.col("uid").is_in(dropped.implode())) if dropped.len() else rows
 
 
 def subset_sample(
@@ -257,6 +348,25 @@ def iter_subset(
                     time.perf_counter() - start)
 
 
+def _faces_left(
+    detector: FaceDetector, image: Image.Image, boxes: list[list[int]], iou: float
+) -> int:
+    """How many of the blurred ``boxes`` the detector, set to find faces of their size, still
+    finds a face in (IoU >= ``iou``, or a detection inside the box)."""
+    whole = [0, 0, image.width, image.height]
+    boxes = [b for b in boxes if list(b) != whole]  # unchecked images blurred whole
+    if not boxes:
+        return 0
+    side = min(max(b[2] - b[0], b[3] - b[1]) for b in boxes)
+    found = for_face_size(detector, side).detect(image)
+    left = 0
+    for box in boxes:
+        inside = any(f[0] >= box[0] and f[1] >= box[1] and f[2] <= box[2] and f[3] <= box[3]
+                     for f in found)
+        left += inside or any(box_iou(box, f) >= iou for f in found)
+    return left
+
+
 def resize_note(pool_index: pl.DataFrame, rows: pl.DataFrame, cfg: SubsetConfig) -> str:
     """One line on what the subset does to the kept images' size (the shorter sides of the pool
     images, and the subset's), for the log: a resize is never silent."""
@@ -277,16 +387,25 @@ def resize_note(pool_index: pl.DataFrame, rows: pl.DataFrame, cfg: SubsetConfig)
 
 
 def check_subset(
-    samples: Iterable[Sample], manifest: pl.DataFrame, cfg: SubsetConfig
+    samples: Iterable[Sample],
+    manifest: pl.DataFrame,
+    cfg: SubsetConfig,
+    detector: FaceDetector | None = None,
+    iou: float = 0.3,
 ) -> dict[str, Any]:
     """Read a written subset back against its manifest (uid, face_count): count the samples
     written, those with blurred faces (``face_count`` > 0 in their json) and the manifest rows
-    missing (undecodable at write time, so skipped). Raises AssertionError when a written uid
-    is not in the manifest or repeats, or a sample lacks its image or has the wrong size."""
+    missing (undecodable at write time, so skipped). With a ``detector``, each image with
+    blurred faces is searched again (``blur_check``): a blurred face it still finds is counted
+    and logged. Raises AssertionError when a written uid is not in the manifest or repeats, or
+    a sample lacks its image or has the wrong size."""
     start = time.perf_counter()
     expected = set(manifest["uid"].to_list())
     seen: set[str] = set()
     blurred = 0
+    verify = {"images_checked": 0, "faces_checked": 0, "faces_still_detected": 0,
+              "images_with_a_face_left": 0}
+    left_uids: list[str] = []
     for sample in samples:
         meta = sample_json(sample)
         uid = str(meta.get("uid", sample.get("__key__")))
@@ -303,12 +422,27 @@ def check_subset(
                 f"dfn_subset sample {uid} has a shorter side of {shorter} px, not "
                 f"curation.subset.shorter_side={cfg.shorter_side}"
             )
-        blurred += int(meta.get("face_count") or 0) > 0
+        has_faces = int(meta.get("face_count") or 0) > 0
+        blurred += has_faces
+        if detector is not None and has_faces:
+            image = decode_image(bytes(sample[cfg.image_format]))
+            boxes = [list(b) for b in meta.get("face_boxes") or []]
+            left = _faces_left(detector, image, boxes, iou)
+            verify["images_checked"] += 1
+            verify["faces_checked"] += len(boxes)
+            verify["faces_still_detected"] += left
+            if left:
+                verify["images_with_a_face_left"] += 1
+                left_uids.append(uid)
     missing = sorted(expected - seen)
     if missing:
         logger.warning("dfn_subset: %d manifest rows were not written (undecodable), e.g. %s",
                        len(missing), missing[:3])
-    return {
+    if left_uids:
+        logger.warning("dfn_subset: the detector still finds a face where one was blurred in %d "
+                       "images, e.g. %s; raise curation.subset.blur_sigma_factor or blur_grow",
+                       len(left_uids), left_uids[:3])
+    stats: dict[str, Any] = {
         "kept": manifest.height,
         "with_faces": int((manifest["face_count"] > 0).sum()),
         "shorter_side": cfg.shorter_side,
@@ -316,16 +450,23 @@ def check_subset(
         "written": len(seen),
         "images_blurred": blurred,
         "undecodable": len(missing),
-        "seconds": round(time.perf_counter() - start, 3),
     }
+    if detector is not None:
+        stats["blur_check"] = {**verify, "box_iou": iou, "uids_with_a_face_left": left_uids[:20]}
+    stats["seconds"] = round(time.perf_counter() - start, 3)
+    return stats
 
 
 __all__ = [
     "FACE_SCHEMA",
     "IMAGE_FORMATS",
+    "SIDECAR_MODES",
+    "UNCHECKED_POLICIES",
+    "FacePolicy",
     "SubsetConfig",
     "check_subset",
     "detect_faces",
+    "drop_unchecked",
     "encode_image",
     "faces_task",
     "iter_subset",

@@ -44,10 +44,12 @@ from aim_kedro.curation.describe import (
 )
 from aim_kedro.curation.eval_leaks import eval_index, eval_loader
 from aim_kedro.curation.executors import ExecutorConfig, make_executor
+from aim_kedro.curation.faces import SIDECAR_COLUMN
 from aim_kedro.curation.filter_network import FilterNetworkConfig, train_filter_network
 from aim_kedro.curation.filters import FilterConfig, filter_decisions
 from aim_kedro.curation.index import IndexConfig, build_index
 from aim_kedro.curation.manifest import build_manifest, dfn_manifest, subset_rows
+from aim_kedro.curation.nsfw import NsfwClassifierConfig, score_nsfw
 from aim_kedro.curation.plots import curation_figures
 from aim_kedro.curation.pool_scoring import precomputed_scores, score_index, score_tables
 from aim_kedro.curation.report import build_report
@@ -56,6 +58,7 @@ from aim_kedro.curation.subset import (
     SubsetConfig,
     check_subset,
     detect_faces,
+    drop_unchecked,
     iter_subset,
     resize_note,
 )
@@ -155,12 +158,31 @@ def score_pool(
     return scores, embeddings, summary
 
 
-def apply_filters(
-    pool_index: pl.DataFrame, clip_scores: pl.DataFrame, filters: Params
+def score_nsfw_node(
+    raw_pool: ShardSet, pool_index: pl.DataFrame, nsfw: Params, index: Params,
+    executor: Params, progress: bool,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """DataComp basic filters and the NSFW cut for every sample the index accepted."""
+    """The NSFW classifier's score of every decodable, captioned sample, shard by shard."""
+    classifier = block(NsfwClassifierConfig, nsfw).make_classifier()
     start = time.perf_counter()
-    decisions = filter_decisions(pool_index, clip_scores, block(FilterConfig, filters))
+    rows = pool_index.filter(pl.col("reject_reason").is_null()).select(
+        "uid", "shard", "key", "position")
+    table, summary = score_nsfw(classifier, raw_pool, rows, block(IndexConfig, index),
+                                _executor(executor, progress))
+    summary["seconds"] = _done("score_nsfw", start, "%d samples scored by %s",
+                               summary["scored"], summary["classifier"])
+    return table, summary
+
+
+def apply_filters(
+    pool_index: pl.DataFrame, clip_scores: pl.DataFrame, nsfw_scores: pl.DataFrame,
+    filters: Params,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """DataComp basic filters and the NSFW cuts (zero-shot CLIP score, classifier score) for
+    every sample the index accepted."""
+    start = time.perf_counter()
+    decisions = filter_decisions(pool_index, clip_scores, block(FilterConfig, filters),
+                                 nsfw_scores)
     counts = dict(decisions.group_by("reject_reason").len().drop_nulls().iter_rows())
     summary: dict[str, Any] = {"checked": int(pool_index["reject_reason"].is_null().sum()), **counts}
     summary["seconds"] = _done("apply_filters", start, "rejected %s", counts)
@@ -295,17 +317,23 @@ def export_dfn_uids(pool_manifest: pl.DataFrame) -> np.ndarray:
 
 
 def detect_faces_node(
-    raw_pool: ShardSet, pool_manifest: pl.DataFrame, faces: Params, index: Params,
-    executor: Params, progress: bool,
+    raw_pool: ShardSet, pool_manifest: pl.DataFrame, pool_index: pl.DataFrame, faces: Params,
+    index: Params, executor: Params, progress: bool,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Face boxes of every kept sample, shard by shard."""
-    detector = block(FacesConfig, faces).make_detector()
+    """Face boxes of every kept sample, shard by shard (with a pool's sidecar ``face_bboxes``
+    where ``pool_index`` carries them)."""
+    cfg = block(FacesConfig, faces)
+    detector = cfg.make_detector()
     start = time.perf_counter()
     kept = pool_manifest.filter(pl.col("kept")).select("uid", "shard", "key", "position")
+    if SIDECAR_COLUMN in pool_index.columns:
+        kept = kept.join(pool_index.select("uid", SIDECAR_COLUMN), on="uid", how="left",
+                         maintain_order="left")
     table, summary = detect_faces(detector, raw_pool, kept, block(IndexConfig, index),
-                                  _executor(executor, progress))
-    summary["seconds"] = _done("detect_faces", start, "%d faces in %d of %d kept images",
-                               summary["faces"], summary["images_with_faces"], summary["images"])
+                                  _executor(executor, progress), policy=cfg.policy())
+    summary["seconds"] = _done("detect_faces", start, "%d faces in %d of %d kept images "
+                               "(%d unchecked)", summary["faces"], summary["images_with_faces"],
+                               summary["images"], summary["unchecked"])
     return table, summary
 
 
@@ -323,7 +351,8 @@ def write_dfn_subset(
     """The curated subset (faces blurred, resized) as a stream for the shard writer, and its
     manifest. ``dfn_manifest.face_boxes`` are in raw-pool pixels; each subset sample's .json has
     them in its own pixels. ``check_dfn_subset`` counts what was written."""
-    rows = subset_rows(pool_manifest, pool_index, clip_scores, face_boxes)
+    rows = drop_unchecked(subset_rows(pool_manifest, pool_index, clip_scores, face_boxes),
+                          face_boxes)
     cfg = block(SubsetConfig, subset)
     samples = iter_subset(raw_pool, rows, cfg, block(IndexConfig, index), _executor(executor, progress))
     logger.info("write_dfn_subset: %s", resize_note(pool_index, rows, cfg))
@@ -333,17 +362,23 @@ def write_dfn_subset(
 
 
 def check_dfn_subset(
-    dfn_subset: ShardSet, dfn_manifest: pl.DataFrame, subset: Params
+    dfn_subset: ShardSet, dfn_manifest: pl.DataFrame, subset: Params, faces: Params,
+    report: Params,
 ) -> dict[str, Any]:
     """Read the written subset back against its manifest: samples written, with blurred faces,
     manifest rows missing (undecodable at write time); every written uid is in the manifest.
-    The place for checks of the written subset."""
+    The blur check runs the face detector again on each image with blurred faces: a face it
+    still finds where one was blurred is counted (``blur_check``)."""
     start = time.perf_counter()
-    stats = check_subset(dfn_subset, dfn_manifest, block(SubsetConfig, subset))
+    stats = check_subset(dfn_subset, dfn_manifest, block(SubsetConfig, subset),
+                         block(FacesConfig, faces).make_detector(),
+                         iou=block(ReportConfig, report).face_iou)
+    check = stats["blur_check"]
     stats["seconds"] = _done(
         "check_dfn_subset", start, "%d of %d samples written (%d with blurred faces, %d "
-        "undecodable)", stats["written"], stats["kept"], stats["images_blurred"],
-        stats["undecodable"],
+        "undecodable); blur check: %d of %d blurred faces still detected",
+        stats["written"], stats["kept"], stats["images_blurred"], stats["undecodable"],
+        check["faces_still_detected"], check["faces_checked"],
     )
     return stats
 
@@ -402,6 +437,7 @@ __all__ = [
     "export_dfn_uids",
     "plot_curation",
     "report_curation",
+    "score_nsfw_node",
     "score_pool",
     "train_copy_detector_node",
     "train_filter_network_node",

@@ -1,7 +1,7 @@
 """The ``curation`` pipeline: a raw image-text pool in, a DFN-style curated subset out.
 
 Node names are stable, for ``kedro run --pipelines curation --from-nodes <name>``:
-build_pool_index, train_filter_network, train_copy_detector, describe_pool, score_pool,
+build_pool_index, train_filter_network, train_copy_detector, describe_pool, score_nsfw, score_pool,
 apply_filters, deduplicate, build_pool_manifest, export_dfn_uids, detect_faces, write_dfn_subset,
 check_dfn_subset, report_curation, plot_curation. Each node takes only the ``params:curation.<block>``
 entries it uses.
@@ -20,6 +20,7 @@ from aim_kedro.pipelines.curation.nodes import (
     export_dfn_uids,
     plot_curation,
     report_curation,
+    score_nsfw_node,
     score_pool,
     train_copy_detector_node,
     train_filter_network_node,
@@ -36,9 +37,9 @@ RUN_ON = ("executor", "progress")  # where the per-shard stages run, and their p
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Index -> (filter network, copy detector -> descriptors) -> scores -> filters -> dedup ->
-    manifest -> faces -> subset -> check -> report and plots; per-shard steps stream, only the
-    cut and dedup see all rows."""
+    """Index -> (filter network, copy detector -> descriptors) -> scores, NSFW scores ->
+    filters -> dedup -> manifest -> faces -> subset -> check -> report and plots; per-shard steps
+    stream, only the cut and dedup see all rows."""
     return Pipeline(
         [
             node(
@@ -75,8 +76,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="score_pool",
             ),
             node(
+                score_nsfw_node,
+                inputs=["raw_pool", "pool_index", *_p("nsfw", "index", *RUN_ON)],
+                outputs=["nsfw_scores", "curation_nsfw_stats"],
+                name="score_nsfw",
+            ),
+            node(
                 apply_filters,
-                inputs=["pool_index", "clip_scores", *_p("filters")],
+                inputs=["pool_index", "clip_scores", "nsfw_scores", *_p("filters")],
                 outputs=["filter_decisions", "curation_filter_stats"],
                 name="apply_filters",
             ),
@@ -107,7 +114,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 detect_faces_node,
-                inputs=["raw_pool", "pool_manifest", *_p("faces", "index", *RUN_ON)],
+                inputs=["raw_pool", "pool_manifest", "pool_index",
+                        *_p("faces", "index", *RUN_ON)],
                 outputs=["face_boxes", "curation_face_stats"],
                 name="detect_faces",
             ),
@@ -122,7 +130,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 check_dfn_subset,
-                inputs=["dfn_subset", "dfn_manifest", *_p("subset")],
+                inputs=["dfn_subset", "dfn_manifest", *_p("subset", "faces", "report")],
                 outputs="curation_subset_stats",
                 name="check_dfn_subset",
             ),
@@ -137,6 +145,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     # the stage summaries, by node name
                     "build_pool_index": "curation_index_stats",
                     "score_pool": "curation_scoring_stats",
+                    "score_nsfw": "curation_nsfw_stats",
                     "apply_filters": "curation_filter_stats",
                     "describe_pool": "curation_descriptor_stats",
                     "deduplicate": "curation_dedup_stats",
