@@ -27,7 +27,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/pytest
 
-viz: $(VENV)/.installed-dev
+viz: $(VENV)/.installed
 	$(BIN)/kedro viz run --host 127.0.0.1 --port 4141 --no-browser
 
 lint: $(VENV)/.installed-dev

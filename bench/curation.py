@@ -68,6 +68,7 @@ STAGE_UNITS = {
     "score_pool": "scored samples",
     "detect_faces": "kept samples",
     "write_dfn_subset": "kept samples",
+    "check_dfn_subset": "written samples",
 }
 
 
@@ -224,7 +225,8 @@ def run_ray_stages(
     ``catalog`` (the local run's), saving to ``ray_catalog``; times and output checks."""
     import ray
 
-    from aim_kedro.curation.ray_engine import ExecutorConfig, ensure_ray
+    from aim_kedro.curation.executors import ExecutorConfig
+    from aim_kedro.curation.ray_executor import ensure_ray
 
     executor = {"kind": "ray", "num_cpus": spec["ray_cpus"]}
     start = time.perf_counter()
@@ -354,6 +356,8 @@ def stage_count(stage: dict[str, Any], pool: int, trusted: int) -> int:
         return int(stats.get("curation_face_stats", {}).get("images", sizes.get("face_boxes", 0)))
     if name == "write_dfn_subset":
         return sizes.get("dfn_manifest", 0)
+    if name == "check_dfn_subset":
+        return int(stats.get("curation_subset_stats", {}).get("written", 0))
     return pool
 
 

@@ -131,6 +131,15 @@ def curation_params(**filters) -> dict:
     return conf
 
 
+def add_params(catalog, name: str, value) -> None:
+    """``params:<name>`` and, for a mapping, every nested ``params:<name>.<key>`` entry, as a
+    Kedro session adds parameters to its catalog (nodes take the blocks they use)."""
+    catalog[f"params:{name}"] = value
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            add_params(catalog, f"{name}.{key}", inner)
+
+
 def catalog_entries() -> dict:
     """The project's catalog entries as conf/base (+ local) define them."""
     from kedro.config import OmegaConfigLoader
@@ -230,3 +239,67 @@ def tiny_curation_inputs(root: Path) -> dict[str, str]:
         write_shards(samples, str(folder), samples_per_shard=per_shard)
         paths[name] = str(folder)
     return paths
+
+
+# --- a tiny open_clip scorer (random weights) and test pictures, for the scoring tests ---------
+
+CAPTIONS = ["a red square", "a photo of a cat", "two coins", "a blue circle", "digit seven"]
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> dict:
+    """A filter-network checkpoint dict of a tiny CLIP with seeded random weights."""
+    from aim_kedro.curation.filter_network import (
+        FilterNetworkConfig,
+        build_filter_model,
+        open_clip_model_cfg,
+        preprocess_cfg_for,
+    )
+
+    tiny = FilterNetworkConfig(
+        embed_dim=32, image_size=32, vision_width=8, vision_head_width=32, text_width=32,
+        text_layers=1, text_heads=2, context_length=8,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_filter_model(tiny)
+    return {
+        "config": {
+            "model_name": "tiny-test-clip",
+            "model_cfg": open_clip_model_cfg(tiny),
+            "preprocess_cfg": preprocess_cfg_for(tiny.image_size),
+        },
+        "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
+        "metadata": {},
+    }
+
+
+@pytest.fixture(scope="session")
+def scorer(checkpoint: dict):
+    """The tiny CLIP as a CPU ``ClipScorer`` (batches of 3)."""
+    from aim_kedro.curation.clip_models import load_clip_model
+
+    return load_clip_model("", checkpoint=checkpoint, device="cpu", batch_size=3)
+
+
+@pytest.fixture(scope="session")
+def images() -> list:
+    """Five random pictures of different sizes and modes (RGB, L, RGBA)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sizes = [(40, 40), (64, 48), (33, 80), (50, 50), (20, 30)]
+    out = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    out[3] = out[3].convert("L")
+    out[4] = out[4].convert("RGBA")
+    return out
+
+
+def png_bytes(image) -> bytes:
+    """``image`` encoded as PNG."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -72,6 +72,10 @@ class ValidateBeforeRunHooks:
                 continue
             validator(parameters[block])
             logger.info("parameters '%s' checked", block)
+        # The resolution contract (issue 13): no stage upscales what the one before it wrote.
+        from aim_kedro.resolution import check_resolution
+
+        check_resolution(parameters, parameter_blocks(pipeline))
         for node_name in sorted({n.name for n in pipeline.nodes} & set(PREFLIGHT)):
             block, path = PREFLIGHT[node_name]
             check = _resolve(path)

@@ -20,6 +20,7 @@ from aim_kedro.aim.data import (
     eval_transform,
     in_split,
     mix_sources,
+    shuffled,
     split_sources,
     train_transform,
     val_bucket,
@@ -141,3 +142,23 @@ def test_corrupt_image_is_skipped_and_logged(tmp_path, caplog):
     assert sum(b.shape[0] for b in batches) == 8
     assert sum("cannot decode" in r.getMessage() for r in caplog.records) == 2
     assert "a00003" in caplog.text
+
+
+# webdataset 1.0.2's `shuffle(bufsize, initial=..., seed=...)` over range(n), recorded: the
+# project's buffer must give these very sequences, or every default-run figure moves.
+WEBDATASET_1_0_2_SHUFFLES = {
+    (30, 8, 8, 123): [0, 4, 1, 6, 8, 9, 7, 10, 5, 15, 13, 2, 18, 16, 20, 3, 19, 17, 14, 12, 25,
+                      26, 24, 23, 21, 22, 29, 11, 27, 28],
+    (25, 1000, 1000, 7): [10, 4, 12, 20, 1, 2, 17, 3, 11, 21, 14, 8, 18, 0, 15, 6, 9, 24, 7, 16,
+                          23, 22, 5, 19, 13],
+    (40, 5, 2, 0): [1, 2, 0, 4, 8, 6, 9, 7, 10, 11, 14, 3, 16, 15, 13, 17, 5, 21, 18, 23, 24, 19,
+                    22, 20, 27, 26, 12, 31, 28, 29, 30, 33, 36, 25, 38, 34, 39, 35, 37, 32],
+    (3, 10, 10, 1): [0, 2, 1],
+}
+
+
+@pytest.mark.parametrize("case", sorted(WEBDATASET_1_0_2_SHUFFLES))
+def test_shuffle_buffer_gives_webdatasets_sequence(case: tuple[int, int, int, int]) -> None:
+    n, bufsize, initial, seed = case
+    assert list(shuffled(range(n), bufsize, initial, seed)) == WEBDATASET_1_0_2_SHUFFLES[case]
+    assert list(shuffled(iter(range(n)), bufsize, initial, seed)) == WEBDATASET_1_0_2_SHUFFLES[case]

@@ -1,9 +1,8 @@
-"""Exact, near-duplicate and eval-leak detection, and the choice of each cluster's keeper."""
+"""Duplicate decisions: clusters, eval leaks first, and the total order that picks each keeper."""
 
 from __future__ import annotations
 
 import io
-import itertools
 
 import numpy as np
 import polars as pl
@@ -11,19 +10,15 @@ import pytest
 from PIL import Image
 
 from aim_kedro.curation.dedup import (
-    EVAL_SCHEMA,
     DedupConfig,
-    HashArrays,
-    UnionFind,
-    cosine_pairs,
+    cluster_keepers,
+    dedup_pool,
     deduplicate,
-    equal_pairs,
-    eval_records,
-    hamming_distance,
-    hamming_pairs,
-    phash_codes,
+    pool_embeddings,
 )
+from aim_kedro.curation.eval_leaks import EVAL_SCHEMA, eval_records
 from aim_kedro.curation.index import INDEX_SCHEMA, IndexConfig, index_sample
+from aim_kedro.curation.matching import hamming_distance
 
 
 def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -61,39 +56,6 @@ def _pool(entries: list[tuple[str, bytes, float, bool]]) -> pl.DataFrame:
 
 def _no_eval() -> pl.DataFrame:
     return pl.DataFrame(schema=EVAL_SCHEMA)
-
-
-def test_union_find_merges_transitively() -> None:
-    uf = UnionFind(5)
-    uf.union(0, 1)
-    uf.union(3, 1)
-    roots = uf.roots()
-    assert roots[0] == roots[1] == roots[3] and len({roots[2], roots[4], roots[0]}) == 3
-
-
-def test_range_searches_match_brute_force() -> None:
-    rng = np.random.default_rng(0)
-    hashes = rng.integers(0, 2**63, 60, dtype=np.uint64)
-    hashes[10] = hashes[3] ^ np.uint64(0b101)
-    i, j, d = hamming_pairs(phash_codes(hashes), 8)
-    expected = {
-        (a, b) for a, b in itertools.combinations(range(60), 2)
-        if hamming_distance(int(hashes[a]), int(hashes[b])) <= 8
-    }
-    assert set(zip(i.tolist(), j.tolist(), strict=True)) == expected and (3, 10) in expected
-    assert d[list(zip(i, j, strict=True)).index((3, 10))] == 2
-
-    emb = rng.normal(size=(40, 16)).astype(np.float16)
-    emb[7] = emb[2] * 3
-    i, j, sims = cosine_pairs(emb, 0.99)
-    assert (2, 7) in set(zip(i.tolist(), j.tolist(), strict=True)) and sims.min() >= 0.99 - 1e-3
-    i, j, _ = cosine_pairs(emb[:5], 0.99, emb[5:])
-    assert (2, 2) in set(zip(i.tolist(), j.tolist(), strict=True))
-
-
-def test_equal_pairs_link_each_group() -> None:
-    i, j = equal_pairs(["a", None, "b", "a", None, "a"])
-    assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [(0, 3), (0, 5)]
 
 
 def test_clusters_keep_the_best_surviving_member() -> None:
@@ -176,13 +138,6 @@ def test_embedding_rule_and_undecodable_rows() -> None:
     assert "embedding cosine" in out["reject_detail"][1]
 
 
-def test_hash_arrays_read_the_index_columns() -> None:
-    pool = _pool([("a", _encode(_picture(1)), 0.5, True)])
-    arrays = HashArrays.from_table(pool)
-    assert arrays.codes.shape == (1, 8) and arrays.crop_codes.shape == (10, 8)
-    assert arrays.crop_owner.tolist() == [0] * 10 and arrays.grids.shape == (1, 48)
-
-
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="curation.dedup.phash_radius"):
         DedupConfig(phash_radius=65)
@@ -191,3 +146,52 @@ def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="unknown curation.dedup parameter"):
         DedupConfig.from_dict({"radius": 3})
     assert DedupConfig(eval_embedding_threshold=0.9).needs_embeddings
+    with pytest.raises(ValueError, match=r"curation\.dedup\.score_tolerance"):
+        DedupConfig(score_tolerance=-1e-4)
+    with pytest.raises(ValueError, match=r"'score_tolerence' -> 'score_tolerance'"):
+        DedupConfig.from_dict({"score_tolerence": 1e-4})
+
+
+def test_a_last_bit_change_of_one_score_never_changes_which_copy_is_kept() -> None:
+    image = _encode(_picture(3))
+    kept = set()
+    for first, second in ((0.5, 0.5 + 1e-7), (0.5 + 1e-7, 0.5), (0.5, 0.5 - 1e-7)):
+        for order in ((("b", first), ("a", second)), (("a", second), ("b", first))):
+            pool = _pool([(uid, image, score, True) for uid, score in order])
+            out, _ = deduplicate(pool, None, _no_eval(), None, DedupConfig())
+            survivors = out.filter(pl.col("reject_reason").is_null())["uid"].to_list()
+            assert len(survivors) == 1
+            kept.add(survivors[0])
+    assert kept == {"a"}  # tied within score_tolerance: the smallest uid, in any row order
+
+
+def test_keeper_is_the_best_score_beyond_the_tolerance_and_the_smallest_uid_within() -> None:
+    cluster = np.array([0, 0, 0, 1, 1, -1])
+    uids = ["c", "b", "a", "e", "d", "f"]
+    scores = np.array([0.9, 0.80005, 0.8, 0.3, np.nan, 0.99])
+    eligible = np.array([True, True, True, True, True, False])
+    assert cluster_keepers(cluster, scores, uids, eligible, 1e-4) == {0: 0, 1: 3}
+    eligible[0] = False  # the best is out of the running: b and a tie, a wins
+    assert cluster_keepers(cluster, scores, uids, eligible, 1e-4) == {0: 2, 1: 3}
+    assert cluster_keepers(cluster, scores, uids, eligible, 0.0) == {0: 1, 1: 3}
+    nan = np.array([np.nan] * 6)
+    assert cluster_keepers(cluster, nan, uids, eligible, 1e-4) == {0: 2, 1: 4}
+
+
+def test_dedup_pool_joins_scores_and_candidates_in_index_order() -> None:
+    index = pl.DataFrame(
+        [_row(uid, _encode(_picture(i)), i) for i, uid in enumerate(["x", "y", "z"])],
+        schema=INDEX_SCHEMA,
+    ).with_columns(reject_reason=pl.Series([None, None, "corrupt"], dtype=pl.String))
+    scores = pl.DataFrame({"uid": ["y", "x"], "clip_score": [0.2, 0.1]})
+    decisions = pl.DataFrame({"uid": ["x", "y", "z"], "reject_reason": [None, "nsfw", None]},
+                             schema={"uid": pl.String, "reject_reason": pl.String})
+    pool = dedup_pool(index, scores, decisions)
+    assert pool["uid"].to_list() == ["x", "y", "z"]
+    assert pool["clip_score"].to_list() == [0.1, 0.2, None]
+    assert pool["candidate"].to_list() == [True, False, False]
+    embeddings = pl.DataFrame({"uid": ["z", "x"], "image_emb": [[0.0, 1.0], [1.0, 0.0]]},
+                              schema={"uid": pl.String, "image_emb": pl.Array(pl.Float16, 2)})
+    aligned = pool_embeddings(pool, embeddings)
+    assert aligned.dtype == np.float16
+    assert aligned.tolist() == [[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]

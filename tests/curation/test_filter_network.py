@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aim_kedro.curation.clip_score import load_clip_model
+from aim_kedro.curation.clip_models import load_clip_model
 from aim_kedro.curation.filter_network import (
     FilterNetworkConfig,
     roc_auc,
@@ -160,7 +160,7 @@ def test_config_errors_name_the_parameter(override: dict, field: str) -> None:
 
 
 def test_config_from_dict_rejects_unknown_keys_and_round_trips() -> None:
-    with pytest.raises(ValueError, match="unknown filter_network parameter"):
+    with pytest.raises(ValueError, match=r"unknown curation\.filter_network parameter"):
         FilterNetworkConfig.from_dict({"learning_rate": 1e-3})
     cfg = FilterNetworkConfig(vision_layers=(2, 1, 1, 1), steps=5)
     assert FilterNetworkConfig.from_dict(cfg.to_dict()) == cfg

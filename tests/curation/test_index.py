@@ -143,7 +143,7 @@ def test_repeated_uids_are_rejected_and_renamed() -> None:
     )
     out = mark_duplicate_uids(table)
     assert out["uid"].n_unique() == 3 and out["uid"][0] == "a"
-    assert out["reject_reason"].to_list() == [None, None, "corrupt"]
+    assert out["reject_reason"].to_list() == [None, None, "duplicate_uid"]
     assert out["reject_detail"][2] == "duplicate uid a"
 
 

@@ -1,24 +1,11 @@
-"""The funnel, the metrics against the sample's truth, and the plots."""
+"""The funnel, the metrics against the sample's truth, and the report of the stage summaries."""
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import polars as pl
 import pytest
-from matplotlib.figure import Figure
-from PIL import Image
 
-from aim_kedro.curation.report import (
-    STAGES,
-    box_recall,
-    funnel,
-    plot_funnel,
-    plot_score_histogram,
-    plot_thumbnails,
-    truth_metrics,
-)
+from aim_kedro.curation.report import STAGES, box_recall, build_report, funnel, truth_metrics
 
 MANIFEST = pl.DataFrame(
     {
@@ -94,19 +81,25 @@ def test_box_recall_counts_overlap_or_containment() -> None:
     assert box_recall([[10, 10, 30, 30], [0, 0, 4, 4]], [[0, 0, 4, 5]], 0.3) == 1
 
 
-def _png(fig: Figure) -> Image.Image:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return Image.open(io.BytesIO(buffer.getvalue()))
-
-
-def test_plots_are_figures_that_render() -> None:
-    assert _png(plot_funnel(funnel(MANIFEST))).size[0] > 100
-    scores = np.random.default_rng(0).normal(0.5, 0.2, 200)
-    hist = plot_score_histogram(scores, 0.6, {"kept": scores[:100], "cut": scores[100:]})
-    assert any(line.get_xdata()[0] == 0.6 for line in hist.axes[0].lines)
-    assert _png(hist).size[0] > 100
-    thumb = Image.new("RGB", (16, 16), (255, 0, 0))
-    grid = plot_thumbnails([(thumb, "0.9")] * 3, [(thumb, "duplicate")] * 9, columns=4)
-    assert len(grid.axes) == (1 + 3) * 4
-    assert _png(grid).size[1] > 100
+def test_report_gathers_the_stage_summaries() -> None:
+    stats = {
+        "build_pool_index": {"samples": 13, "seconds": 1.0},
+        "score_pool": {"model": "tiny", "seconds": 2.0},
+        "deduplicate": {"clusters": 2, "seconds": 0.5},
+        "build_pool_manifest": {"threshold": 0.7, "threshold_rule": "keep_fraction",
+                                "keep_fraction": 0.5, "score_cut_candidates": 8, "seconds": 0.1},
+        "detect_faces": {"images": 5, "seconds": 0.2},
+        "check_dfn_subset": {"kept": 5, "written": 5, "seconds": 0.3},
+    }
+    report = build_report(MANIFEST, stats, {"seconds": 9.0, "steps": 3}, TRUTH, FACES)
+    assert report["funnel"]["kept"] == 5 and report["truth"]["truth_rows_not_in_pool"] == 1
+    assert report["score_cut"] == {"threshold": 0.7, "rule": "keep_fraction",
+                                   "keep_fraction": 0.5, "candidates": 8, "scoring_model": "tiny"}
+    assert list(report["seconds"]) == ["build_pool_index", "train_filter_network", "score_pool",
+                                       "deduplicate", "build_pool_manifest", "detect_faces",
+                                       "check_dfn_subset"]
+    assert report["seconds"]["train_filter_network"] == 9.0
+    assert report["subset"] == {"kept": 5, "written": 5} and report["dedup"] == {"clusters": 2}
+    assert build_report(MANIFEST, stats)["truth"] is None
+    with pytest.raises(AssertionError, match="dfn_manifest has 4 rows"):
+        build_report(MANIFEST, {**stats, "check_dfn_subset": {"kept": 4}})

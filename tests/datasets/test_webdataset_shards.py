@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 from kedro.io import Version
 from PIL import Image
 
@@ -36,10 +35,11 @@ def test_save_load_round_trip_and_sharding(tmp_path: Path) -> None:
 
 
 def test_shards_are_read_by_the_webdataset_package(tmp_path: Path) -> None:
+    wds = pytest.importorskip("webdataset")  # not a dependency: img2dataset (dev) brings it
     ds = WebDatasetShards(filepath=str(tmp_path / "pool"), samples_per_shard=3, version=Version(None, None))
     ds.save(_samples(7))
     urls = ds.load().shards
-    read = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"))
+    read = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
     assert len(read) == 7
     assert read[5]["__key__"] == "000005"
     assert read[5]["txt"] == "caption 5"
@@ -118,3 +118,58 @@ def test_missing_ok_loads_an_absent_folder_as_an_empty_set(tmp_path: Path, versi
     optional.save(iter(_samples(3)))
     saved = WebDatasetShards(filepath=str(tmp_path / "pool"), missing_ok=True, version=version)
     assert [s["__key__"] for s in saved.load()] == ["000000", "000001", "000002"]
+
+
+def test_brace_ranges_lists_and_pipes_are_read_only_specs(tmp_path: Path) -> None:
+    for run in ("run1", "run2"):
+        WebDatasetShards(filepath=str(tmp_path / "pool" / run), samples_per_shard=2,
+                         prefix="part").save(_samples(4))
+    braces = WebDatasetShards(filepath=str(tmp_path / "pool" / "run{1,2}" / "part-{000000..000001}.tar"))
+    listed = WebDatasetShards(filepath=[str(tmp_path / "pool" / "run1"), str(tmp_path / "pool" / "run2")])
+    piped = WebDatasetShards(filepath=f"pipe:cat {tmp_path}/pool/run{{1,2}}/part-{{000000..000001}}.tar")
+    for ds in (braces, listed, piped):
+        assert ds.exists()
+        shards = ds.load()
+        assert shards.names == ["run1/part-000000.tar", "run1/part-000001.tar",
+                                "run2/part-000000.tar", "run2/part-000001.tar"]
+        assert shards.count() == 8
+    with pytest.raises(Exception, match="read-only"):
+        listed.save(_samples(1))
+    with pytest.raises(Exception, match="versioned: false"):
+        WebDatasetShards(filepath=[str(tmp_path)], version=Version(None, None))
+
+
+def test_an_unreachable_remote_pool_fails_exists_with_the_cause() -> None:
+    from loopback import closed_port
+
+    pool = WebDatasetShards(filepath=f"http://127.0.0.1:{closed_port()}/pool/")
+    with pytest.raises(Exception, match="(?i)connect"):
+        pool.exists()
+
+
+def test_a_pool_served_over_http_loads_with_ids_and_no_doubled_protocol(tmp_path: Path) -> None:
+    from loopback import serve
+
+    WebDatasetShards(filepath=str(tmp_path / "pool"), samples_per_shard=3).save(_samples(7))
+    with serve(tmp_path) as (url, _):
+        pool = WebDatasetShards(filepath=f"{url}/pool")
+        assert pool.exists()
+        shards = pool.load()
+        assert shards.shards[0] == f"{url}/pool/shard-000000.tar"
+        assert [s["__key__"] for s in shards] == [f"{i:06d}" for i in range(7)]
+        assert not WebDatasetShards(filepath=f"{url}/elsewhere").exists()
+
+
+def test_uid_list_dataset_round_trips_datacomps_format(tmp_path: Path) -> None:
+    import numpy as np
+
+    from aim_kedro.datasets import UidListDataset
+    from aim_kedro.io.uids import from_datacomp
+
+    ds = UidListDataset(filepath=str(tmp_path / "dfn_uids.npy"), version=Version(None, None))
+    ds.save(["ff" * 16, "0a" * 16])
+    loaded = UidListDataset(filepath=str(tmp_path / "dfn_uids.npy"), version=Version(None, None)).load()
+    assert loaded.dtype == np.dtype("u8,u8") and from_datacomp(loaded) == ["0a" * 16, "ff" * 16]
+    assert np.load(next((tmp_path / "dfn_uids.npy").rglob("*.npy"))).dtype == np.dtype("u8,u8")
+    assert ds.preview()["data"] == [["0a" * 16], ["ff" * 16]]
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.rglob("*"))

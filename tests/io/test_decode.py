@@ -95,3 +95,49 @@ def test_decode_or_none_skips_what_cannot_be_used() -> None:
     assert decode_or_none(None) is None and decode_or_none(b"garbage") is None
     assert decode_or_none(_encode(_photo(), "PNG")).size == (64, 64)
     assert decode_or_none(Image.new("L", (3, 5))).mode == "RGB"
+
+
+def _garbage_scan(data: bytes, start_fraction: float, seed: int = 1) -> bytes:
+    """The JPEG with its entropy-coded data from ``start_fraction`` on replaced by random bytes
+    (no 0xFF, so no marker appears): a valid header Pillow decodes to noise."""
+    sos = data.index(b"\xff\xda")
+    begin = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    end = data.rindex(b"\xff\xd9")
+    cut = begin + int((end - begin) * start_fraction)
+    noise = np.random.default_rng(seed).integers(0, 255, end - cut, dtype=np.uint8).tobytes()
+    return data[:cut] + noise + data[end:]
+
+
+@pytest.mark.parametrize("start_fraction", [0.0, 0.5])
+def test_a_jpeg_with_garbage_scan_data_is_rejected_not_decoded_to_noise(start_fraction: float) -> None:
+    bad = _garbage_scan(_encode(_photo(3, 96), "JPEG", quality=90), start_fraction)
+    Image.open(io.BytesIO(bad)).load()  # Pillow alone takes it (the fault this guards against)
+    with pytest.raises(DecodeError, match="corrupt jpeg: .*(Corrupt JPEG data|Premature end)"):
+        decode_image(bad)
+    assert decode_image(bad, strict=False).size == (96, 96)
+
+
+def test_strict_decoding_keeps_every_kind_of_good_jpeg() -> None:
+    photo = _photo(5, 80)
+    for image, options in [
+        (photo, {"quality": 95}),
+        (photo, {"quality": 40, "progressive": True}),
+        (photo.convert("L"), {}),
+        (photo.convert("CMYK"), {}),
+        (photo, {"subsampling": 0}),
+    ]:
+        assert decode_image(_encode(image, "JPEG", **options)).size == (80, 80)
+
+
+def test_truncated_images_stay_errors_when_another_library_allows_them() -> None:
+    from PIL import ImageFile
+
+    data = _encode(_photo(2, 64), "JPEG")
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        with pytest.raises(DecodeError, match="truncated"):
+            decode_image(data[: len(data) // 2])
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous

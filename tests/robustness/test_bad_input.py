@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 import skimage.data
-from conftest import curation_catalog, curation_params
+from conftest import add_params, curation_catalog, curation_params
 from kedro.runner import SequentialRunner
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -106,7 +106,7 @@ EXPECTED = {
     "palette_png": (None, None),
     "animated_gif": (None, None),
     "exif_rotated": (None, None),
-    "one_pixel": ("basic_filter", "shorter side 1 px < 32"),
+    "one_pixel": ("basic_filter", "shorter side 1 px < 48"),
     "huge_caption": (None, None),
     "bad_utf8": ("no_caption", "caption is not valid UTF-8"),
     "no_json": (None, None),
@@ -188,7 +188,7 @@ def _corpus(root: Path) -> dict[str, str]:
 def bad_input_run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bad_input")
     catalog = curation_catalog(root, _corpus(root / "inputs"))
-    catalog["params:curation"] = curation_params(keep_fraction=1.0)
+    add_params(catalog, "curation", curation_params(keep_fraction=1.0))
     SequentialRunner().run(create_pipeline(), catalog)
     return {name: catalog.load(name) for name in (
         "pool_index", "pool_manifest", "dfn_subset", "dfn_manifest", "curation_report")}

@@ -9,7 +9,7 @@ import yaml
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from aim_kedro.curation.clip_score import ModelUnavailableError
+from aim_kedro.curation.clip_models import ModelUnavailableError
 
 CASES = {
     "unknown_preset": (

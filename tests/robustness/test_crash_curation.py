@@ -18,19 +18,19 @@ from kedro.framework.startup import bootstrap_project
 from aim_kedro.io.shards import write_shards
 
 SHARDS = 6
-# The child is the real `kedro run`, with a scorer slowed to 1 s a shard (a big model on a big
-# pool), so the kill surely lands between two shards.
+# The child is the real `kedro run`, with a scorer slowed to 1 s a batch (two batches a shard: a
+# big model on a big pool), so the kill surely lands between two shards.
 CHILD = """
 import sys, time
 from pathlib import Path
 import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
-import aim_kedro.curation.clip_score as clip_score
+import aim_kedro.curation.pool_scoring as pool_scoring
 
 torch.set_num_threads(1)
-score_shard = clip_score.score_shard
-clip_score.score_shard = lambda *a, **k: (score_shard(*a, **k), time.sleep(1.0))[0]
+score_shard = pool_scoring.score_shard
+pool_scoring.score_shard = lambda *a, **k: (score_shard(*a, **k), time.sleep(1.0))[0]
 root = Path(sys.argv[1])
 bootstrap_project(root)
 with KedroSession.create(project_path=root) as session:

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms
@@ -174,6 +173,36 @@ def read_samples(shards: Iterable[str]) -> Iterator[dict[str, Any]]:
             yield sample
 
 
+def shuffled(data: Iterable[T], bufsize: int, initial: int, seed: int) -> Iterator[T]:
+    """A shuffle buffer over a stream, the same sequence as webdataset 1.0.2's ``shuffle``
+    (``filters._shuffle`` + ``pick``) with ``random.Random(seed)``: the buffer fills two items
+    per step until ``bufsize``, yields from ``min(initial, bufsize)`` on, a random pick swapped
+    with the last."""
+    rng = random.Random(seed)
+    stream = iter(data)
+    initial = min(initial, bufsize)
+    buf: list[T] = []
+
+    def pick() -> T:
+        k = rng.randint(0, len(buf) - 1)
+        sample = buf[k]
+        buf[k] = buf[-1]
+        buf.pop()
+        return sample
+
+    for sample in stream:
+        buf.append(sample)
+        if len(buf) < bufsize:
+            try:
+                buf.append(next(stream))
+            except StopIteration:
+                pass
+        if len(buf) >= initial:
+            yield pick()
+    while buf:
+        yield pick()
+
+
 def _epoch_samples(
     source: ShardSource, epoch: int, seed: int, slot: int, num_slots: int, shuffle_buffer: int
 ) -> Iterator[dict[str, Any]]:
@@ -189,9 +218,8 @@ def _epoch_samples(
     if not by_shard:
         stream = itertools.islice(stream, slot, None, num_slots)
     if shuffle_buffer > 0:
-        stream = wds.shuffle(
-            shuffle_buffer, initial=shuffle_buffer, seed=_hash_int(seed, "buffer", epoch, slot)
-        )(stream)
+        stream = shuffled(stream, shuffle_buffer, shuffle_buffer,
+                          _hash_int(seed, "buffer", epoch, slot))
     return stream
 
 

@@ -27,24 +27,24 @@ _PREFIX_RENAMES = (("preprocessor.patchifier.", "trunk.patch_embed."),)
 _BLOCK_RENAMES = ((".norm_1.", ".norm1."), (".norm_2.", ".norm2."))
 
 
-def _to_ours(name: str) -> str:
+def _rename(name: str, to_ours: bool) -> str:
+    """One AIM v1 name as ours (``to_ours``) or one of ours as AIM v1."""
     for theirs, ours in _PREFIX_RENAMES:
-        if name.startswith(theirs):
-            return ours + name[len(theirs):]
+        source, target = (theirs, ours) if to_ours else (ours, theirs)
+        if name.startswith(source):
+            return target + name[len(source):]
     if name.startswith("trunk.blocks."):
         for theirs, ours in _BLOCK_RENAMES:
-            name = name.replace(theirs, ours)
+            name = name.replace(theirs, ours) if to_ours else name.replace(ours, theirs)
     return name
+
+
+def _to_ours(name: str) -> str:
+    return _rename(name, to_ours=True)
 
 
 def _to_theirs(name: str) -> str:
-    for theirs, ours in _PREFIX_RENAMES:
-        if name.startswith(ours):
-            return theirs + name[len(ours):]
-    if name.startswith("trunk.blocks."):
-        for theirs, ours in _BLOCK_RENAMES:
-            name = name.replace(ours, theirs)
-    return name
+    return _rename(name, to_ours=False)
 
 
 def _resolve_probe_layers(probe_layers: int | Sequence[int], num_blocks: int) -> tuple[int, ...]:
@@ -195,26 +195,8 @@ def state_dict_from_bytes(data: bytes, suffix: str) -> dict[str, torch.Tensor]:
     return _unwrap(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
 
-def load_aim_v1_checkpoint(
-    path: str | Path,
-    *,
-    img_size: int,
-    patch_size: int,
-    embed_dim: int,
-    num_blocks: int,
-    num_heads: int,
-    probe_layers: int | Sequence[int],
-    num_classes: int,
-) -> AIMProbeModel:
+def load_aim_v1_checkpoint(path: str | Path, **config: Any) -> AIMProbeModel:
     """Read an AIM v1 checkpoint (.safetensors, or .pth/.pt/.bin via torch.load) from a local
-    path and build the `AIMProbeModel` (see `from_ml_aim`)."""
-    return from_ml_aim(
-        read_state_dict(path),
-        img_size=img_size,
-        patch_size=patch_size,
-        embed_dim=embed_dim,
-        num_blocks=num_blocks,
-        num_heads=num_heads,
-        probe_layers=probe_layers,
-        num_classes=num_classes,
-    )
+    path and build the `AIMProbeModel`; ``config`` holds the keyword arguments of `from_ml_aim`
+    (img_size, patch_size, embed_dim, num_blocks, num_heads, probe_layers, num_classes)."""
+    return from_ml_aim(read_state_dict(path), **config)

@@ -6,7 +6,7 @@ decides what survives. Here the model is an open_clip ``CLIP`` with a ModifiedRe
 tower (a plain tiny ViT separates wrong captions much worse at this scale) and a small text
 transformer, trained with open_clip's ``ClipLoss`` (InfoNCE, learnable logit scale) under random
 resized crops and colour jitter/tint. The returned dict has the shape that
-``aim_kedro.datasets.AIMCheckpointDataset`` saves, and ``clip_score.load_clip_model(...,
+``aim_kedro.datasets.AIMCheckpointDataset`` saves, and ``clip_models.load_clip_model(...,
 checkpoint=...)`` turns it back into a scorer.
 """
 
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from aim_kedro.common.config import from_mapping
 from aim_kedro.common.training import cpu_threads, param_groups, warmup_cosine
-from aim_kedro.curation.clip_score import resolve_device
+from aim_kedro.curation.clip_models import resolve_device
 from aim_kedro.io.decode import decode_image, decode_or_none, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class FilterNetworkConfig:
     text_layers: int = 2
     text_heads: int = 4
     context_length: int = 32
-    epochs: int = 20
+    epochs: int = 15
     steps: int | None = None
     batch_size: int = 64
     lr: float = 2e-3
@@ -86,57 +86,59 @@ class FilterNetworkConfig:
         )
         for name in positive:
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"filter_network.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"curation.filter_network.{name} must be >= 1, got {getattr(self, name)}")
         if len(self.vision_layers) != 4 or min(self.vision_layers) < 1:
             raise ValueError(
-                "filter_network.vision_layers must be four block counts >= 1 (the ModifiedResNet "
-                f"stages), e.g. [1, 1, 1, 1]; got {list(self.vision_layers)}"
+                "curation.filter_network.vision_layers must be four block counts >= 1 (the "
+                f"ModifiedResNet stages), e.g. [1, 1, 1, 1]; got {list(self.vision_layers)}"
             )
         if self.image_size % 32:
             raise ValueError(
-                "filter_network.image_size must be a multiple of 32 (the ResNet tower downsamples "
-                f"32x), got {self.image_size}"
+                "curation.filter_network.image_size must be a multiple of 32 (the ResNet tower "
+                f"downsamples 32x), got {self.image_size}"
             )
         if (self.vision_width * 32) % self.vision_head_width:
             raise ValueError(
-                "filter_network.vision_head_width must divide vision_width * 32, got "
+                "curation.filter_network.vision_head_width must divide vision_width * 32, got "
                 f"{self.vision_head_width} for vision_width {self.vision_width}"
             )
         if self.text_width % self.text_heads:
             raise ValueError(
-                f"filter_network.text_heads ({self.text_heads}) must divide text_width "
+                f"curation.filter_network.text_heads ({self.text_heads}) must divide text_width "
                 f"({self.text_width})"
             )
         if self.context_length < 3:
-            raise ValueError(f"filter_network.context_length must be >= 3, got {self.context_length}")
+            raise ValueError(f"curation.filter_network.context_length must be >= 3, got {self.context_length}")
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"filter_network.steps must be >= 1 or null, got {self.steps}")
+            raise ValueError(f"curation.filter_network.steps must be >= 1 or null, got {self.steps}")
         if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("filter_network.lr must be > 0 and filter_network.weight_decay >= 0")
+            raise ValueError("curation.filter_network.lr must be > 0 and curation.filter_network.weight_decay >= 0")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(
-                f"filter_network.warmup_fraction must be in [0, 1), got {self.warmup_fraction}"
+                "curation.filter_network.warmup_fraction must be in [0, 1), got "
+                f"{self.warmup_fraction}"
             )
         lo, hi = self.crop_scale
         if len(self.crop_scale) != 2 or not 0.0 < lo <= hi <= 1.0:
             raise ValueError(
-                f"filter_network.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}"
+                "curation.filter_network.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, "
+                f"got {self.crop_scale}"
             )
         if not 0.0 <= self.color_jitter < 1.0 or not 0.0 <= self.tint < 1.0:
-            raise ValueError("filter_network.color_jitter and filter_network.tint must be in [0, 1)")
+            raise ValueError("curation.filter_network.color_jitter and curation.filter_network.tint must be in [0, 1)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(
-                f"filter_network.num_threads must be >= 1 or null, got {self.num_threads}"
+                f"curation.filter_network.num_threads must be >= 1 or null, got {self.num_threads}"
             )
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(
-                f"filter_network.max_seconds must be > 0 or null, got {self.max_seconds}"
+                f"curation.filter_network.max_seconds must be > 0 or null, got {self.max_seconds}"
             )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> FilterNetworkConfig:
         """Build from a parameters dict; unknown keys raise a ValueError that lists the valid ones."""
-        return from_mapping(cls, values, "filter_network")
+        return from_mapping(cls, values, "curation.filter_network")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples as lists)."""
@@ -414,7 +416,7 @@ def wrong_caption_auc(
     from another group (``groups``: a label per pair such as the class; by default the caption
     text itself, which is only right when every class has one caption). The AUC of the cosine
     over the two sets measures the filter's quality on held-out pairs. ``scorer`` is a
-    ``clip_score.ClipScorer``.
+    ``scoring.ClipScorer``.
     """
     images: list[Image.Image] = []
     captions: list[str] = []

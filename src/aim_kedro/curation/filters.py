@@ -16,10 +16,7 @@ import numpy as np
 import polars as pl
 
 from aim_kedro.common.config import from_mapping
-
-BASIC_FILTER = "basic_filter"
-NSFW = "nsfw"
-LOW_CLIP_SCORE = "low_clip_score"
+from aim_kedro.curation.reasons import BASIC_FILTER, LOW_CLIP_SCORE, NSFW
 
 DECISION_SCHEMA: dict[str, pl.DataType] = {
     "uid": pl.String(),
@@ -36,14 +33,16 @@ class FilterConfig:
     (DFN keeps 0.15); an absolute ``threshold`` on ``clip_score`` replaces it when set. The basic
     filters follow DataComp: shorter side, aspect ratio and caption length in words.
     ``nsfw_threshold`` rejects samples whose ``nsfw_score`` is at least that (null: no cut).
+    The defaults are conf/base's, tuned for the sample (DFN: keep_fraction 0.15; DataComp:
+    min_shorter_side 200; with a real CLIP, nsfw_threshold 0.5).
     """
 
-    keep_fraction: float | None = 0.15
+    keep_fraction: float | None = 0.7
     threshold: float | None = None
-    min_shorter_side: int = 0
+    min_shorter_side: int = 48
     max_aspect_ratio: float = 3.0
     min_caption_words: int = 2
-    nsfw_threshold: float | None = 0.5
+    nsfw_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.threshold is None and self.keep_fraction is None:

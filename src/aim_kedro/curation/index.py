@@ -1,12 +1,16 @@
 """Decode every pool sample safely and build the per-sample index (sizes, hashes, caption, reason).
 
 One bad record never stops the run: whatever goes wrong while reading a sample becomes a
-``reject_reason`` (``corrupt`` or ``no_caption``) with a human-readable ``reject_detail``.
-Shards are read one at a time, so memory holds one shard's samples plus the compact index rows.
+``reject_reason`` (``corrupt`` or ``no_caption``) with a human-readable ``reject_detail``; a
+shard whose transfer keeps failing becomes ``unreadable_shard`` rows, and img2dataset's failed
+downloads (from the shard's parquet sidecar) rows of their own (``curation.attempts``), so the
+index has a row for every sample attempted. Shards are read one at a time, so memory holds one
+shard's samples plus the compact index rows.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -18,16 +22,32 @@ import numpy as np
 import polars as pl
 import scipy.fft
 from PIL import Image
-from tqdm.auto import tqdm
 
+from aim_kedro.curation.attempts import uid_list_reason, unreadable_rows, with_attempts
+from aim_kedro.curation.executors import (
+    Executor,
+    LocalExecutor,
+    ShardTask,
+    shard_tasks,
+)
+from aim_kedro.curation.reasons import CORRUPT, DUPLICATE_UID, NO_CAPTION
 from aim_kedro.io.decode import DecodeError, decode_image
-from aim_kedro.io.shards import ERROR_KEY, SHARD_KEY, Sample, ShardSet, image_bytes
-from aim_kedro.io.uids import default_uid, sample_uid
+from aim_kedro.io.shards import ERROR_KEY, Sample, ShardSet, image_bytes, sample_json
+from aim_kedro.io.sidecars import Sidecar, read_sidecar
+from aim_kedro.io.sources import ReadRetry, UnreadableShardError
+from aim_kedro.io.uids import UidList, default_uid, sample_uid
 
 logger = logging.getLogger(__name__)
 
-CORRUPT = "corrupt"
-NO_CAPTION = "no_caption"
+
+HASH_SCHEMA: dict[str, pl.DataType] = {
+    "sha256_bytes": pl.String(),
+    "sha256_pixels": pl.String(),
+    "phash": pl.UInt64(),
+    "phash_crops": pl.List(pl.UInt64()),
+    "color_grid": pl.Binary(),
+}
+"""What dedup compares, computed the same way for pool samples and evaluation images."""
 
 INDEX_SCHEMA: dict[str, pl.DataType] = {
     "uid": pl.String(),
@@ -36,27 +56,64 @@ INDEX_SCHEMA: dict[str, pl.DataType] = {
     "position": pl.UInt32(),
     "width": pl.Int32(),
     "height": pl.Int32(),
-    "sha256_bytes": pl.String(),
-    "sha256_pixels": pl.String(),
-    "phash": pl.UInt64(),
-    "phash_crops": pl.List(pl.UInt64()),
-    "color_grid": pl.Binary(),
+    **HASH_SCHEMA,
     "caption": pl.String(),
+    "url": pl.String(),
     "reject_reason": pl.String(),
     "reject_detail": pl.String(),
 }
+"""The index's own columns; a pool with img2dataset / DataComp sidecars adds their extra
+columns after these (``Sidecar.extra_columns``)."""
 
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """How samples are decoded: the decompression-bomb limit and the caption length cap."""
+    """How the pool is read and decoded (``curation.index``): the decompression-bomb limit, the
+    caption cap, the hashes, strict JPEG decoding, retries of failed remote reads (``read_retries``
+    more tries, waiting ``read_backoff_s`` x 2^k), and ``uid_list``: a DataComp ``.npy`` (path or
+    URL) that restricts the pool to its uids (others: ``not_in_uid_list``, not decoded)."""
 
     max_image_pixels: int = 89_478_485
     max_caption_chars: int = 1_000
     crop_fractions: tuple[float, ...] = (0.05, 0.1)
     color_grid_size: int = 4
+    strict_decoding: bool = True
+    read_retries: int = 3
+    read_backoff_s: float = 1.0
+    uid_list: str | None = None
+
+    @property
+    def retry(self) -> ReadRetry:
+        """The retry policy of every read of the pool's shards and sidecars."""
+        return ReadRetry(int(self.read_retries), float(self.read_backoff_s))
+
+    def load_uid_list(self) -> UidList | None:
+        """The ``uid_list`` file, read (None when none is configured); a missing or malformed
+        file raises naming ``curation.index.uid_list``."""
+        if self.uid_list is None:
+            return None
+        try:
+            return UidList.load(self.uid_list)
+        except (OSError, ValueError) as exc:
+            raise type(exc)(f"curation.index.uid_list: {exc}") from exc
 
     def __post_init__(self) -> None:
+        if not isinstance(self.strict_decoding, bool):
+            raise ValueError(
+                f"curation.index.strict_decoding must be true or false, got {self.strict_decoding!r}"
+            )
+        try:
+            ReadRetry(self.read_retries, self.read_backoff_s)
+        except ValueError as exc:
+            raise ValueError(
+                f"curation.index.read_retries must be an integer >= 0 and read_backoff_s seconds "
+                f">= 0, got {self.read_retries!r} / {self.read_backoff_s!r} ({exc})"
+            ) from exc
+        if self.uid_list is not None and (not isinstance(self.uid_list, str) or not self.uid_list):
+            raise ValueError(
+                f"curation.index.uid_list must be the path or URL of a DataComp .npy uid list, "
+                f"or null, got {self.uid_list!r}"
+            )
         if int(self.max_image_pixels) < 1:
             raise ValueError(
                 f"curation.index.max_image_pixels must be >= 1, got {self.max_image_pixels}; "
@@ -155,11 +212,13 @@ def _error_detail(error: str) -> str:
 
 
 def index_sample(
-    sample: Sample, position: int, shard: str, cfg: IndexConfig
+    sample: Sample, position: int, shard: str, cfg: IndexConfig, uid_list: UidList | None = None
 ) -> tuple[dict[str, Any], Image.Image | None]:
-    """One index row for a sample, plus its decoded RGB image (None when it is rejected corrupt)."""
+    """One index row for a sample, plus its decoded RGB image (None when it is rejected, and
+    a sample outside ``uid_list`` is not decoded at all)."""
     key = str(sample.get("__key__", f"#{position}"))
     uid = sample_uid(sample, shard)
+    url = sample_json(sample).get("url")
     row: dict[str, Any] = {
         "uid": uid,
         "shard": shard,
@@ -173,12 +232,17 @@ def index_sample(
         "phash_crops": None,
         "color_grid": None,
         "caption": None,
+        "url": url if isinstance(url, str) else None,
         "reject_reason": None,
         "reject_detail": None,
     }
     error = sample.get(ERROR_KEY)
     if error:
         row.update(reject_reason=CORRUPT, reject_detail=_error_detail(str(error)))
+        return row, None
+    excluded = uid_list_reason(uid, uid_list)
+    if excluded is not None:
+        row.update(reject_reason=excluded[0], reject_detail=excluded[1])
         return row, None
     found = image_bytes(sample)
     if found is None:
@@ -187,7 +251,7 @@ def index_sample(
     data = found[1]
     row["sha256_bytes"] = hashlib.sha256(data).hexdigest()
     try:
-        image = decode_image(data, cfg.max_image_pixels)
+        image = decode_image(data, cfg.max_image_pixels, strict=cfg.strict_decoding)
     except DecodeError as exc:
         row.update(reject_reason=CORRUPT, reject_detail=str(exc))
         return row, None
@@ -207,12 +271,13 @@ def index_sample(
 
 
 def index_records(
-    samples: Iterable[Sample], shard: str, cfg: IndexConfig
+    samples: Iterable[Sample], shard: str, cfg: IndexConfig, uid_list: UidList | None = None
 ) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
-    """Index rows and decoded images of one shard's samples, in shard order, never raising."""
+    """Index rows and decoded images of one shard's samples, in shard order; never raises,
+    except ``UnreadableShardError`` when the shard's transfer keeps failing."""
     for position, sample in enumerate(samples):
         try:
-            yield index_sample(sample, position, shard, cfg)
+            yield index_sample(sample, position, shard, cfg, uid_list)
         except Exception as exc:  # noqa: BLE001 - one bad record never stops the run
             key = str(sample.get("__key__", f"#{position}"))
             logger.warning("sample %s/%s could not be indexed: %s", shard, key, exc)
@@ -228,9 +293,11 @@ def index_records(
             yield row, None
 
 
-def index_shard(samples: Iterable[Sample], shard: str, cfg: IndexConfig) -> pl.DataFrame:
+def index_shard(
+    samples: Iterable[Sample], shard: str, cfg: IndexConfig, uid_list: UidList | None = None
+) -> pl.DataFrame:
     """The index table of one shard (images are decoded and dropped right away)."""
-    rows = [row for row, _ in index_records(samples, shard, cfg)]
+    rows = [row for row, _ in index_records(samples, shard, cfg, uid_list)]
     return pl.DataFrame(rows, schema=INDEX_SCHEMA, orient="row") if rows else empty_index()
 
 
@@ -239,64 +306,53 @@ def empty_index() -> pl.DataFrame:
     return pl.DataFrame(schema=INDEX_SCHEMA)
 
 
-def shard_name(sample_or_path: Sample | str) -> str:
-    """The shard file name a sample came from, or of a shard path."""
-    if isinstance(sample_or_path, dict):
-        return str(sample_or_path.get(SHARD_KEY, ""))
-    return str(sample_or_path).rstrip("/").rsplit("/", 1)[-1]
+def decode_task(task: ShardTask, cfg: IndexConfig) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
+    """Decoded images of one shard task's rows (columns shard, position, key, ...), in shard
+    order; ``image`` is None when the bytes no longer decode. Raises ValueError when a sample's
+    key is not the one the table recorded (the shards changed since the index was built)."""
+    if task.rows is None or task.rows.height == 0:
+        return
+    name = task.name
+    wanted = {int(row["position"]): row for row in task.rows.iter_rows(named=True)
+              if row.get("position") is not None}
+    if not wanted:
+        return
+    last = max(wanted)
+    for position, sample in enumerate(task.shards.with_retry(cfg.retry).iter_shard(task.path)):
+        row = wanted.get(position)
+        if row is not None:
+            if str(sample.get("__key__")) != row.get("key", sample.get("__key__")):
+                raise ValueError(
+                    f"{name} position {position} holds key {sample.get('__key__')!r}, "
+                    f"the index says {row.get('key')!r}: the pool changed since "
+                    "pool_index was built; re-run build_pool_index"
+                )
+            found = image_bytes(sample)
+            image = None
+            if found is not None:
+                try:
+                    image = decode_image(found[1], cfg.max_image_pixels, strict=cfg.strict_decoding)
+                except DecodeError:
+                    image = None
+            yield row, image
+        if position >= last:
+            break
 
 
 def decode_selected(
     shards: ShardSet, table: pl.DataFrame, cfg: IndexConfig
 ) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
-    """Decoded images of the rows of ``table`` (columns shard, position, key, ...), shard by shard.
-
-    Yields ``(row, image)`` in shard order; ``image`` is None when the bytes no longer decode.
-    Only one shard's wanted rows are held at a time. Raises ValueError when a sample's key is
-    not the one the table recorded (the shards changed since the index was built).
-    """
-    if table.height == 0:
-        return
-    groups = table.partition_by("shard", as_dict=True, maintain_order=True)
-    wanted_shards = {key[0] for key in groups}
-    by_name = {shard_name(path): path for path in shards.shards}
-    missing = sorted(wanted_shards - set(by_name))
-    if missing:
-        raise ValueError(
-            f"shards {missing[:3]} of the index are not in {shards.path}; the pool changed "
-            "since pool_index was built: re-run build_pool_index"
-        )
-    for name, path in by_name.items():
-        group = groups.get((name,))
-        if group is None:
-            continue
-        wanted = {int(row["position"]): row for row in group.iter_rows(named=True)}
-        last = max(wanted)
-        for position, sample in enumerate(shards.iter_shard(path)):
-            row = wanted.get(position)
-            if row is not None:
-                if str(sample.get("__key__")) != row.get("key", sample.get("__key__")):
-                    raise ValueError(
-                        f"{name} position {position} holds key {sample.get('__key__')!r}, "
-                        f"the index says {row.get('key')!r}: the pool changed since "
-                        "pool_index was built; re-run build_pool_index"
-                    )
-                found = image_bytes(sample)
-                image = None
-                if found is not None:
-                    try:
-                        image = decode_image(found[1], cfg.max_image_pixels)
-                    except DecodeError:
-                        image = None
-                yield row, image
-            if position >= last:
-                break
+    """Decoded images of the rows of ``table`` (columns shard, position, key, ...), shard by
+    shard in the pool's order (``decode_task`` per shard); only one shard's wanted rows are held
+    at a time."""
+    for task in shard_tasks(shards, table):
+        yield from decode_task(task, cfg)
 
 
 def mark_duplicate_uids(index: pl.DataFrame) -> pl.DataFrame:
     """Give every repeat of a uid already seen a deterministic uid of its own, so that ``uid`` is
-    a key of every table downstream, and reject it (``corrupt``, "duplicate uid") unless an
-    earlier reason already rejects it."""
+    a key of every table downstream, and reject it (``duplicate_uid``, "duplicate uid <uid>")
+    unless an earlier reason already rejects it."""
     repeat = pl.col("uid").cum_count().over("uid") > 1
     if not index.select(repeat.any()).item():
         return index
@@ -310,21 +366,43 @@ def mark_duplicate_uids(index: pl.DataFrame) -> pl.DataFrame:
         .then(pl.lit("duplicate uid ") + pl.col("uid"))
         .otherwise(pl.col("reject_detail"))
         .alias("reject_detail"),
-        pl.when(newly).then(pl.lit(CORRUPT)).otherwise(pl.col("reject_reason")).alias("reject_reason"),
+        pl.when(newly).then(pl.lit(DUPLICATE_UID)).otherwise(pl.col("reject_reason"))
+        .alias("reject_reason"),
         pl.when(repeat).then(pl.Series(fresh)).otherwise(pl.col("uid")).alias("uid"),
     )
 
 
+def index_task(task: ShardTask, cfg: IndexConfig, uid_list: UidList | None = None) -> pl.DataFrame:
+    """Stage function: the index table of one shard task: every sample of the shard, plus the
+    samples its img2dataset sidecar lists that it does not hold, with the sidecar's url and
+    extra columns. A shard (or sidecar) whose transfer keeps failing, or whose sidecar is
+    broken, gives ``unreadable_shard`` rows instead, and nothing of what was read of it."""
+    shards = task.shards.with_retry(cfg.retry)
+    sidecar: Sidecar | None = None
+    try:
+        sidecar = read_sidecar(task.path, task.name, cfg.retry, shards.storage_options)
+        rows = index_shard(shards.iter_shard(task.path), task.name, cfg, uid_list)
+    except (UnreadableShardError, ValueError) as exc:
+        cause = exc.cause if isinstance(exc, UnreadableShardError) else str(exc)
+        logger.warning("shard %s is recorded as unreadable: %s", task.name, cause)
+        return unreadable_rows(task.name, cause, sidecar, INDEX_SCHEMA, uid_list)
+    return with_attempts(rows, sidecar, task.name, INDEX_SCHEMA, uid_list)
+
+
 def build_index(
-    shards: ShardSet, cfg: IndexConfig, progress: bool = True
+    shards: ShardSet, cfg: IndexConfig, executor: Executor | None = None, progress: bool = True
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Index every shard of a pool, one shard at a time; return the table and a summary."""
+    """Index every shard of a pool, one task per shard on ``executor`` (local by default);
+    return the table (``INDEX_SCHEMA``, then the sidecars' extra columns) and a summary."""
+    executor = executor or LocalExecutor(progress)
     start = time.perf_counter()
-    frames = []
-    bar = tqdm(shards.shards, desc="index shards", unit="shard", disable=not progress)
-    for path in bar:
-        frames.append(index_shard(shards.iter_shard(path), shard_name(path), cfg))
-    index = pl.concat(frames, how="vertical") if frames else empty_index()
+    uid_list = cfg.load_uid_list()
+    frames = executor.map_shards(
+        functools.partial(index_task, cfg=cfg, uid_list=uid_list), shard_tasks(shards),
+        desc="index shards",
+    )
+    index = pl.concat(frames, how="diagonal_relaxed") if frames else empty_index()
+    index = index.select(list(INDEX_SCHEMA) + [c for c in index.columns if c not in INDEX_SCHEMA])
     index = mark_duplicate_uids(index)
     reasons = dict(
         index.group_by("reject_reason").len().drop_nulls("reject_reason").iter_rows()
@@ -332,8 +410,10 @@ def build_index(
     summary = {
         "shards": len(shards.shards),
         "samples": index.height,
+        "uid_list": None if uid_list is None else {"file": uid_list.source, "uids": len(uid_list)},
         "valid": index.height - sum(reasons.values()),
         "rejected": reasons,
+        **executor.describe(),
         "seconds": round(time.perf_counter() - start, 3),
     }
     return index, summary
@@ -348,13 +428,14 @@ __all__ = [
     "color_grid",
     "crop_hashes",
     "decode_selected",
+    "decode_task",
     "empty_index",
     "index_records",
     "index_sample",
     "index_shard",
+    "index_task",
     "mark_duplicate_uids",
     "perceptual_hash",
     "pixel_sha256",
     "sample_caption",
-    "shard_name",
 ]

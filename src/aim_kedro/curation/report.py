@@ -1,32 +1,19 @@
-"""The curation report: the funnel, metrics of every stage against the sample's truth, and plots.
+"""The curation report: the funnel, metrics of every stage against the sample's truth.
 
 Metrics only need the pool manifest (one row per pool sample with its decision), the face table
-and, when there is one, the truth table of the embedded sample. Plots are matplotlib ``Figure``
-objects built without pyplot, so a catalog dataset can save them and nothing global changes.
+and, when there is one, the truth table of the embedded sample. The figures are in ``plots``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import polars as pl
-from matplotlib.figure import Figure
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-STAGES = (
-    "corrupt",
-    "no_caption",
-    "basic_filter",
-    "nsfw",
-    "eval_leak",
-    "duplicate",
-    "low_clip_score",
-)
-"""Reject reasons in the order the decisions are taken; a sample gets the first that applies."""
+from aim_kedro.curation.reasons import STAGES
 
 
 def funnel(manifest: pl.DataFrame) -> dict[str, Any]:
@@ -251,87 +238,61 @@ def truth_metrics(
     return out
 
 
-def plot_funnel(report_funnel: dict[str, Any]) -> Figure:
-    """Horizontal bars: samples removed per reason, in decision order, and the kept count."""
-    labels = ["input"] + [s["stage"] for s in report_funnel["stages"]] + ["kept"]
-    values = (
-        [report_funnel["input"]]
-        + [s["removed"] for s in report_funnel["stages"]]
-        + [report_funnel["kept"]]
-    )
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
-    colors = ["#4c72b0"] + ["#c44e52"] * len(report_funnel["stages"]) + ["#55a868"]
-    bars = ax.barh(labels[::-1], values[::-1], color=colors[::-1])
-    ax.bar_label(bars, padding=3)
-    ax.set_xlabel("samples")
-    ax.set_title("curation funnel: removed per reason, in decision order")
-    ax.margins(x=0.15)
-    return fig
+def build_report(
+    manifest: pl.DataFrame,
+    stage_stats: Mapping[str, Mapping[str, Any]],
+    filter_network: Mapping[str, Any] | None = None,
+    truth: pl.DataFrame | None = None,
+    faces: pl.DataFrame | None = None,
+    face_iou: float = 0.3,
+) -> dict[str, Any]:
+    """The curation report: the funnel, the score cut, seconds per stage, the dedup, face and
+    subset figures and, with a truth table, each stage's precision and recall against it.
 
-
-def plot_score_histogram(
-    scores: np.ndarray,
-    threshold: float | None,
-    groups: dict[str, np.ndarray] | None = None,
-    bins: int = 40,
-) -> Figure:
-    """Histogram of clip_score (split by ``groups`` when given, e.g. truth kinds) with the cut."""
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
-    finite = np.asarray(scores, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    if finite.size:
-        edges = np.histogram_bin_edges(finite, bins=bins)
-        if groups:
-            for name, values in groups.items():
-                values = np.asarray(values, dtype=np.float64)
-                values = values[np.isfinite(values)]
-                if values.size:
-                    ax.hist(values, bins=edges, alpha=0.6, label=f"{name} ({values.size})")
-        else:
-            ax.hist(finite, bins=edges, alpha=0.8, label=f"scored ({finite.size})")
-    if threshold is not None and math.isfinite(threshold):
-        ax.axvline(threshold, color="black", linestyle="--", label=f"cut {threshold:.3f}")
-    ax.set_xlabel("clip_score (image-caption cosine)")
-    ax.set_ylabel("samples")
-    ax.set_title("score distribution and the cut")
-    ax.legend(loc="upper left", fontsize="small")
-    return fig
-
-
-def plot_thumbnails(
-    kept: Sequence[tuple[Image.Image, str]],
-    rejected: Sequence[tuple[Image.Image, str]],
-    columns: int = 8,
-) -> Figure:
-    """Two grids of thumbnails with short labels: kept samples above, rejected ones below."""
-    rows_kept = max(1, math.ceil(len(kept) / columns))
-    rows_rejected = max(1, math.ceil(len(rejected) / columns))
-    rows = rows_kept + rows_rejected
-    fig = Figure(figsize=(columns * 1.3, rows * 1.5 + 0.6), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for offset, items, title in ((0, kept, "kept"), (rows_kept, rejected, "rejected")):
-        for k, (image, label) in enumerate(items):
-            ax = axes[offset + k // columns][k % columns]
-            ax.imshow(np.asarray(image.convert("RGB")))
-            ax.set_title(label, fontsize=6)
-        axes[offset][0].text(
-            -0.1, 0.5, title, transform=axes[offset][0].transAxes, rotation=90,
-            va="center", ha="right", fontsize=9,
+    ``stage_stats`` maps each stage (node name) to its summary: ``build_pool_manifest`` gives
+    the cut, ``score_pool`` the model, ``deduplicate``, ``detect_faces`` and
+    ``check_dfn_subset`` their figures; ``filter_network`` is the training metadata. Raises
+    AssertionError when the funnel does not add up or the subset does not hold the kept rows.
+    """
+    flow = funnel(manifest)
+    if flow["input"] != flow["kept"] + flow["rejected"]:
+        raise AssertionError("curation report: input != kept + rejected")
+    subset = dict(stage_stats.get("check_dfn_subset") or {})
+    if subset.get("kept", flow["kept"]) != flow["kept"]:
+        raise AssertionError(
+            f"dfn_manifest has {subset['kept']} rows but the pool manifest keeps {flow['kept']}"
         )
-    fig.suptitle("kept (top) and rejected (bottom) samples")
-    return fig
+    selection = stage_stats.get("build_pool_manifest") or {}
+    train = dict(filter_network or {})
+
+    def figures(stage: str) -> dict[str, Any]:
+        return {k: v for k, v in (stage_stats.get(stage) or {}).items() if k != "seconds"}
+
+    seconds: dict[str, Any] = {}
+    for stage, stats in stage_stats.items():
+        seconds[stage] = (stats or {}).get("seconds")
+        if stage == "build_pool_index":  # the filter network trains between index and scoring
+            seconds["train_filter_network"] = train.get("seconds")
+    seconds.setdefault("train_filter_network", train.get("seconds"))
+    report: dict[str, Any] = {
+        "funnel": flow,
+        "score_cut": {
+            "threshold": selection.get("threshold"),
+            "rule": selection.get("threshold_rule"),
+            "keep_fraction": selection.get("keep_fraction"),
+            "candidates": selection.get("score_cut_candidates"),
+            "scoring_model": (stage_stats.get("score_pool") or {}).get("model"),
+        },
+        "seconds": seconds,
+        "filter_network": train,
+        "dedup": figures("deduplicate"),
+        "faces": figures("detect_faces"),
+        "subset": figures("check_dfn_subset"),
+        "truth": None,
+    }
+    if truth is not None and truth.height:
+        report["truth"] = truth_metrics(manifest, truth, faces, face_iou=face_iou)
+    return report
 
 
-__all__ = [
-    "STAGES",
-    "box_recall",
-    "funnel",
-    "plot_funnel",
-    "plot_score_histogram",
-    "plot_thumbnails",
-    "truth_metrics",
-]
+__all__ = ["STAGES", "box_recall", "build_report", "funnel", "truth_metrics"]

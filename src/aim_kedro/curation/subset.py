@@ -1,12 +1,15 @@
-"""Faces of the kept samples, and the samples of the curated subset: faces blurred, resized.
+"""Faces of the kept samples, the samples of the curated subset (faces blurred, resized), and
+the check of the subset once written.
 
-Both walk the raw pool shard by shard through ``index.decode_selected``, so memory holds one
-shard's wanted rows and one image at a time; the subset is a generator that a shard writer
-consumes.
+``faces_task`` and ``subset_task`` are the stage functions (one shard each) that an executor
+runs; ``detect_faces`` and ``iter_subset`` run them over the kept rows, so memory holds one
+shard's wanted rows and one image at a time; the subset is a stream that a shard writer
+consumes. ``check_subset`` reads the written subset back and accounts for every manifest row.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import time
@@ -16,13 +19,13 @@ from typing import Any
 
 import polars as pl
 from PIL import Image
-from tqdm.auto import tqdm
 
 from aim_kedro.common.config import from_mapping
 from aim_kedro.curation.blur import blur_and_resize
+from aim_kedro.curation.executors import Executor, LocalExecutor, ShardTask, shard_tasks
 from aim_kedro.curation.faces import FaceDetector
-from aim_kedro.curation.index import IndexConfig, decode_selected
-from aim_kedro.io.shards import Sample, ShardSet
+from aim_kedro.curation.index import IndexConfig, decode_task
+from aim_kedro.io.shards import Sample, ShardSet, sample_json
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +36,28 @@ FACE_SCHEMA: dict[str, pl.DataType] = {
 }
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+ROW_FIELDS = frozenset({
+    "uid", "shard", "key", "position", "caption", "clip_score", "nsfw_score", "dedup_cluster",
+    "boxes", "face_count", "url",
+})
+"""What a subset row holds besides the pool's extra columns, which go into the json as they are."""
 
 
 @dataclass(frozen=True)
 class SubsetConfig:
     """How subset images are written (``curation.subset``): shorter side in pixels, file format,
-    JPEG/WebP quality, and the face blur (box growth and blur sigma per box side)."""
+    JPEG/WebP quality, and the face blur (box growth and blur sigma per box side).
 
-    shorter_side: int = 224
-    image_format: str = "jpg"
+    The defaults are conf/base's (the sample's 48 px PNG; 224 and jpg on real pools). A blur of
+    grow 0.2, sigma 0.2 leaves no sample face detectable; img2dataset's 0.1 / 0.1 leaves some.
+    """
+
+    shorter_side: int = 48
+    image_format: str = "png"
     quality: int = 95
     only_if_bigger: bool = False
-    blur_grow: float = 0.1
-    blur_sigma_factor: float = 0.1
+    blur_grow: float = 0.2
+    blur_sigma_factor: float = 0.2
 
     def __post_init__(self) -> None:
         if isinstance(self.shorter_side, bool) or int(self.shorter_side) < 1:
@@ -83,21 +95,15 @@ def encode_image(image: Image.Image, image_format: str, quality: int = 95) -> by
     return buffer.getvalue()
 
 
-def detect_faces(
-    detector: FaceDetector,
-    shards: ShardSet,
-    rows: pl.DataFrame,
-    index_cfg: IndexConfig,
-    progress: bool = True,
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Run the face detector on every row's image (rows: uid, shard, key, position), shard by
-    shard; return the face table (uid, boxes, face_count) and a summary."""
-    start = time.perf_counter()
+def faces_task(
+    task: ShardTask, detector: FaceDetector, index_cfg: IndexConfig
+) -> tuple[pl.DataFrame, int]:
+    """Stage function: the face table (uid, boxes, face_count) of one shard task's rows, and
+    how many of its images no longer decode (they get no boxes)."""
     uids: list[str] = []
     boxes: list[list[list[int]]] = []
     failed = 0
-    bar = tqdm(total=rows.height, desc="detect faces", unit="image", disable=not progress)
-    for row, image in decode_selected(shards, rows, index_cfg):
+    for row, image in decode_task(task, index_cfg):
         found: list[list[int]] = []
         if image is None:
             failed += 1
@@ -105,16 +111,35 @@ def detect_faces(
             found = [[int(v) for v in box] for box in detector.detect(image)]
         uids.append(row["uid"])
         boxes.append(found)
-        bar.update(1)
-    bar.close()
     table = pl.DataFrame(
         {"uid": uids, "boxes": boxes, "face_count": [len(b) for b in boxes]}, schema=FACE_SCHEMA
     )
+    return table, failed
+
+
+def detect_faces(
+    detector: FaceDetector,
+    shards: ShardSet,
+    rows: pl.DataFrame,
+    index_cfg: IndexConfig,
+    executor: Executor | None = None,
+    progress: bool = True,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Run the face detector on every row's image (rows: uid, shard, key, position), one task
+    per shard on ``executor`` (local by default; the detector is shipped to each worker, its
+    model loaded there); return the face table in the pool's shard order and a summary."""
+    executor = executor or LocalExecutor(progress)
+    start = time.perf_counter()
+    work = functools.partial(faces_task, detector=detector, index_cfg=index_cfg)
+    parts = executor.map_shards(work, shard_tasks(shards, rows), desc="detect faces")
+    tables = [table for table, _ in parts]
+    table = pl.concat(tables, how="vertical") if tables else pl.DataFrame(schema=FACE_SCHEMA)
     summary = {
         "images": table.height,
         "images_with_faces": int((table["face_count"] > 0).sum()),
         "faces": int(table["face_count"].sum()),
-        "undecodable": failed,
+        "undecodable": sum(failed for _, failed in parts),
+        **executor.describe(),
         "seconds": round(time.perf_counter() - start, 3),
     }
     return table, summary
@@ -125,7 +150,8 @@ def subset_sample(
 ) -> Sample:
     """One subset sample: the image with faces blurred and resized, its caption and metadata.
 
-    ``row`` has uid, caption, clip_score, nsfw_score, dedup_cluster, shard, key.
+    ``row`` has uid, caption, clip_score, nsfw_score, dedup_cluster, shard, key, url and the
+    pool's extra columns (carried into the json by name).
     """
     boxes = [tuple(int(v) for v in box) for box in boxes]
     out, out_boxes = blur_and_resize(
@@ -147,7 +173,12 @@ def subset_sample(
         "height": out.height,
         "face_count": len(boxes),
         "face_boxes": [list(b) for b in out_boxes],
+        "url": row.get("url"),
     }
+    for name, value in row.items():
+        if name not in ROW_FIELDS and name not in meta:
+            meta[name] = value if isinstance(value, str | int | float | bool | list | dict) \
+                or value is None else str(value)
     return {
         "__key__": str(row["uid"]),
         cfg.image_format: encode_image(out, cfg.image_format, cfg.quality),
@@ -156,51 +187,114 @@ def subset_sample(
     }
 
 
+def subset_task(task: ShardTask, cfg: SubsetConfig, index_cfg: IndexConfig) -> Iterator[Sample]:
+    """Stage function: the subset samples of one shard task's rows (see ``iter_subset``); a row
+    whose image no longer decodes is skipped with a warning."""
+    for row, image in decode_task(task, index_cfg):
+        if image is None:
+            logger.warning("dfn_subset: %s no longer decodes, skipped", row["uid"])
+            continue
+        yield subset_sample(row, image, row.get("boxes") or [], cfg)
+
+
 def iter_subset(
     shards: ShardSet,
     rows: pl.DataFrame,
     cfg: SubsetConfig,
     index_cfg: IndexConfig,
-    stats: dict[str, Any] | None = None,
+    executor: Executor | None = None,
     progress: bool = True,
 ) -> Iterator[Sample]:
     """Subset samples of ``rows`` (uid, shard, key, position, caption, clip_score, nsfw_score,
-    dedup_cluster, boxes), streamed shard by shard.
-
-    ``stats`` (when given) is filled as the stream is consumed: written, blurred, undecodable,
-    seconds. A sample whose image no longer decodes is skipped and counted.
-    """
-    stats = stats if stats is not None else {}
-    stats.update(written=0, images_blurred=0, undecodable=0, seconds=0.0)
+    dedup_cluster, boxes), streamed shard by shard in the pool's order, one task per shard on
+    ``executor`` (local by default). What was written is counted by ``check_subset`` once the
+    stream is saved; this only logs how many samples it streamed, and in how long."""
+    executor = executor or LocalExecutor(progress)
     start = time.perf_counter()
-    bar = tqdm(total=rows.height, desc="write dfn_subset", unit="image", disable=not progress)
+    written = 0
+    work = functools.partial(subset_task, cfg=cfg, index_cfg=index_cfg)
     try:
-        for row, image in decode_selected(shards, rows, index_cfg):
-            bar.update(1)
-            if image is None:
-                stats["undecodable"] += 1
-                logger.warning("dfn_subset: %s no longer decodes, skipped", row["uid"])
-                continue
-            boxes = row.get("boxes") or []
-            sample = subset_sample(row, image, boxes, cfg)
-            stats["written"] += 1
-            stats["images_blurred"] += bool(boxes)
+        for sample in executor.stream_shards(work, shard_tasks(shards, rows), desc="dfn_subset"):
+            written += 1
             yield sample
     finally:
-        bar.close()
-        stats["seconds"] = round(time.perf_counter() - start, 3)
-        logger.info(
-            "write_dfn_subset: %d samples written (%d with blurred faces, %d undecodable) in %.1f s",
-            stats["written"], stats["images_blurred"], stats["undecodable"], stats["seconds"],
-        )
+        logger.info("write_dfn_subset: %d of %d samples streamed in %.1f s", written, rows.height,
+                    time.perf_counter() - start)
+
+
+def resize_note(pool_index: pl.DataFrame, rows: pl.DataFrame, cfg: SubsetConfig) -> str:
+    """One line on what the subset does to the kept images' size (the shorter sides of the pool
+    images, and the subset's), for the log: a resize is never silent."""
+    sides = (
+        rows.select("uid").join(pool_index.select("uid", "width", "height"), on="uid", how="left")
+        .select(pl.min_horizontal("width", "height").alias("side"))["side"].drop_nulls()
+    )
+    if sides.is_empty():
+        return "no kept images"
+    low, high, median = int(sides.min()), int(sides.max()), int(sides.median())
+    if cfg.only_if_bigger:
+        target = f"shorter side {cfg.shorter_side} px where bigger, others as they are"
+    else:
+        target = f"shorter side {cfg.shorter_side} px"
+    verb = "downscaled to" if low >= cfg.shorter_side else "resized to"
+    return (f"kept images have shorter sides {low}-{high} px (median {median}), {verb} {target} "
+            "(curation.subset.shorter_side)")
+
+
+def check_subset(
+    samples: Iterable[Sample], manifest: pl.DataFrame, cfg: SubsetConfig
+) -> dict[str, Any]:
+    """Read a written subset back against its manifest (uid, face_count): count the samples
+    written, those with blurred faces (``face_count`` > 0 in their json) and the manifest rows
+    missing (undecodable at write time, so skipped). Raises AssertionError when a written uid
+    is not in the manifest or repeats, or a sample lacks its image or has the wrong size."""
+    start = time.perf_counter()
+    expected = set(manifest["uid"].to_list())
+    seen: set[str] = set()
+    blurred = 0
+    for sample in samples:
+        meta = sample_json(sample)
+        uid = str(meta.get("uid", sample.get("__key__")))
+        if uid not in expected:
+            raise AssertionError(f"dfn_subset holds {uid}, which dfn_manifest does not list")
+        if uid in seen:
+            raise AssertionError(f"dfn_subset holds {uid} twice")
+        seen.add(uid)
+        if cfg.image_format not in sample:
+            raise AssertionError(f"dfn_subset sample {uid} has no .{cfg.image_format} image")
+        shorter = min(int(meta.get("width", 0)), int(meta.get("height", 0)))
+        if shorter != cfg.shorter_side and not (cfg.only_if_bigger and shorter < cfg.shorter_side):
+            raise AssertionError(
+                f"dfn_subset sample {uid} has a shorter side of {shorter} px, not "
+                f"curation.subset.shorter_side={cfg.shorter_side}"
+            )
+        blurred += int(meta.get("face_count") or 0) > 0
+    missing = sorted(expected - seen)
+    if missing:
+        logger.warning("dfn_subset: %d manifest rows were not written (undecodable), e.g. %s",
+                       len(missing), missing[:3])
+    return {
+        "kept": manifest.height,
+        "with_faces": int((manifest["face_count"] > 0).sum()),
+        "shorter_side": cfg.shorter_side,
+        "image_format": cfg.image_format,
+        "written": len(seen),
+        "images_blurred": blurred,
+        "undecodable": len(missing),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 __all__ = [
     "FACE_SCHEMA",
     "IMAGE_FORMATS",
     "SubsetConfig",
+    "check_subset",
     "detect_faces",
     "encode_image",
+    "faces_task",
     "iter_subset",
+    "resize_note",
     "subset_sample",
+    "subset_task",
 ]

@@ -7,11 +7,11 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import PurePosixPath
-from typing import Any, NoReturn
+from typing import Any
 
 import fsspec
 import torch
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import DatasetError
 from kedro.io.core import get_protocol_and_path
 from kedro_datasets._typing import JSONPreview
 from safetensors import safe_open
@@ -20,6 +20,7 @@ from safetensors.torch import save as st_save
 
 from aim_kedro.aim.interop import STATE_DICT_SUFFIXES, read_state_dict, state_dict_from_bytes
 from aim_kedro.datasets._folder import LOCAL_PROTOCOLS, VersionedFolderDataset
+from aim_kedro.datasets._input_only import InputOnlyDataset
 
 _STEP_FILE = re.compile(r"step_(\d+)\.safetensors$")
 
@@ -110,7 +111,7 @@ class CheckpointSeriesDataset(VersionedFolderDataset):
         return json.dumps({"config": data["config"], "steps": data["steps"]}, indent=2)
 
 
-class StateDictDataset(AbstractDataset[Any, dict[str, torch.Tensor]]):
+class StateDictDataset(InputOnlyDataset):
     """A read-only checkpoint file (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with
     ``torch.load(weights_only=True)``) loaded as a state dict, e.g. the published AIM v1 weights.
 
@@ -120,6 +121,8 @@ class StateDictDataset(AbstractDataset[Any, dict[str, torch.Tensor]]):
           type: aim_kedro.datasets.StateDictDataset
           filepath: /models/apple-aim-600M/model.safetensors
     """
+
+    SAVE_REFUSAL = "a read-only checkpoint file"
 
     def __init__(self, *, filepath: str, credentials: dict[str, Any] | None = None,
                  fs_args: dict[str, Any] | None = None,
@@ -142,9 +145,6 @@ class StateDictDataset(AbstractDataset[Any, dict[str, torch.Tensor]]):
         with self._fs.open(self._path, "rb") as f:
             return state_dict_from_bytes(f.read(), PurePosixPath(self._path).suffix)
 
-    def save(self, data: Any) -> NoReturn:
-        """Not supported: a published checkpoint is an input."""
-        raise DatasetError(f"{self._path} is a read-only checkpoint file")
 
     def _exists(self) -> bool:
         return self._fs.isfile(self._path)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, NoReturn
+from typing import Any
 
-from kedro.io import AbstractDataset, DatasetError
 from kedro_datasets._typing import TablePreview
 
 from aim_kedro.aim.evalsets import (
@@ -14,9 +13,10 @@ from aim_kedro.aim.evalsets import (
     image_folder_classes,
     image_folder_files,
 )
+from aim_kedro.datasets._input_only import InputOnlyDataset
 
 
-class ImageFolderDataset(AbstractDataset[Any, LabelledSet]):
+class ImageFolderDataset(InputOnlyDataset):
     """``load()`` gives a lazy ``LabelledSet`` over the tree (one sub-folder per class, sorted);
     the evaluation pipeline re-indexes a test split into its training split's classes by name.
 
@@ -30,6 +30,8 @@ class ImageFolderDataset(AbstractDataset[Any, LabelledSet]):
           filepath: /data/imagenet/val
     """
 
+    SAVE_REFUSAL = "a read-only ImageFolder tree"
+
     def __init__(self, *, filepath: str, name: str | None = None,
                  metadata: dict[str, Any] | None = None) -> None:
         self._filepath = str(filepath)
@@ -40,9 +42,6 @@ class ImageFolderDataset(AbstractDataset[Any, LabelledSet]):
         """The labelled set (FileNotFoundError / ValueError name the folder when it is unusable)."""
         return from_image_folder(self._filepath, name=self._name)
 
-    def save(self, data: Any) -> NoReturn:
-        """Not supported: an ImageFolder tree is an input."""
-        raise DatasetError(f"{self._filepath} is a read-only ImageFolder tree")
 
     def _exists(self) -> bool:
         return os.path.isdir(self._filepath)

@@ -4,15 +4,16 @@ the training node writes it step by step and resumes from it)."""
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn
+from typing import Any
 
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import DatasetError
 from kedro_datasets._typing import JSONPreview
 
 from aim_kedro.aim.checkpoint import RunDir
+from aim_kedro.datasets._input_only import InputOnlyDataset
 
 
-class PretrainingRunDataset(AbstractDataset[Any, RunDir]):
+class PretrainingRunDataset(InputOnlyDataset):
     """``load()`` gives a ``RunDir`` on ``filepath``; the training node that takes it as an input
     writes ``last.pt``, kept steps and ``result.json`` there, and a re-run resumes from them.
 
@@ -22,6 +23,8 @@ class PretrainingRunDataset(AbstractDataset[Any, RunDir]):
           type: aim_kedro.datasets.PretrainingRunDataset
           filepath: data/06_models/pretraining_run
     """
+
+    SAVE_REFUSAL = "a run directory: the training node that takes it as an input writes it"
 
     def __init__(self, *, filepath: str, metadata: dict[str, Any] | None = None) -> None:
         if "://" in str(filepath) and not str(filepath).startswith("file://"):
@@ -36,12 +39,6 @@ class PretrainingRunDataset(AbstractDataset[Any, RunDir]):
         """The run-directory handle (a folder that does not exist yet is a fresh run)."""
         return RunDir(self._filepath)
 
-    def save(self, data: Any) -> NoReturn:
-        """Not supported: the training node writes the run directory as it trains."""
-        raise DatasetError(
-            f"{self._filepath} is a run directory: the training node that takes it as an input "
-            "writes it"
-        )
 
     def _exists(self) -> bool:
         return True

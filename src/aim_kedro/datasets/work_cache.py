@@ -3,15 +3,15 @@ by fingerprints of their inputs, so a stale entry is never read)."""
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import Any
 
-from kedro.io import AbstractDataset, DatasetError
 from kedro_datasets._typing import TablePreview
 
 from aim_kedro.curation.resume import ShardResultCache
+from aim_kedro.datasets._input_only import InputOnlyDataset
 
 
-class ShardResultCacheDataset(AbstractDataset[Any, ShardResultCache]):
+class ShardResultCacheDataset(InputOnlyDataset):
     """``load()`` gives a ``ShardResultCache`` on ``filepath``; the node that takes it as an input
     saves each finished shard there, and a re-run after a crash skips those shards.
 
@@ -21,6 +21,8 @@ class ShardResultCacheDataset(AbstractDataset[Any, ShardResultCache]):
           type: aim_kedro.datasets.ShardResultCacheDataset
           filepath: data/04_feature/clip_score_cache
     """
+
+    SAVE_REFUSAL = "a work cache: the node that takes it as an input writes it"
 
     def __init__(
         self,
@@ -37,11 +39,6 @@ class ShardResultCacheDataset(AbstractDataset[Any, ShardResultCache]):
         """The cache handle (an empty folder is a valid, empty cache)."""
         return ShardResultCache(self._filepath, self._fs_args)
 
-    def save(self, data: Any) -> NoReturn:
-        """Not supported: entries are written shard by shard by the node that uses the cache."""
-        raise DatasetError(
-            f"{self._filepath} is a work cache: the node that takes it as an input writes it"
-        )
 
     def _exists(self) -> bool:
         return True

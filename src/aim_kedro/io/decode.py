@@ -3,7 +3,9 @@
 Every stage that looks at pixels (index, scoring, faces, subset, pre-training, probes) decodes
 through ``decode_image``, so EXIF orientation, the decompression-bomb guard and the conversion of
 every Pillow mode (16-bit and float greyscale, transparency, CMYK, palettes, animations) apply
-the same way everywhere.
+the same way everywhere. Decoding is strict: Pillow never fills a truncated image in, and a JPEG
+whose scan data libjpeg only warns about (valid header, garbage entropy-coded data, which Pillow
+decodes to noise) is rejected with libjpeg's message, checked by a second, scaled decode.
 """
 
 from __future__ import annotations
@@ -15,9 +17,21 @@ import warnings
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import simplejpeg
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+# libjpeg's messages for damaged data (warnings it recovers from by inventing pixels, and
+# structure errors); anything else (e.g. TurboJPEG's "could not determine subsampling level"
+# on rare but valid layouts) leaves the verdict to Pillow.
+_JPEG_DAMAGE = (
+    "Corrupt JPEG data",
+    "Premature end of JPEG file",
+    "Invalid SOS parameters",
+    "Inconsistent progression sequence",
+    "Invalid JPEG file structure",
+    "Bogus",
+)
 
 
 class DecodeError(Exception):
@@ -35,6 +49,30 @@ def pixel_limit(max_pixels: int) -> Iterator[None]:
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+
+
+@contextlib.contextmanager
+def no_truncated_images() -> Iterator[None]:
+    """Pillow's ``LOAD_TRUNCATED_IMAGES`` off (another library may have turned it on), then
+    restored: a truncated image is an error, never grey-filled."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def check_jpeg_data(data: bytes) -> None:
+    """Raise ``DecodeError("corrupt jpeg: <libjpeg's message>")`` when libjpeg reports damaged
+    data in a JPEG, warnings included (a decode at 1/8 scale: every coefficient is still
+    entropy-decoded, the IDCT is cheap)."""
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, strict=True)
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith(_JPEG_DAMAGE):
+            raise DecodeError(f"corrupt jpeg: {message}") from exc
 
 
 def _on_white(image: Image.Image) -> Image.Image:
@@ -96,20 +134,22 @@ def sniff_format(data: bytes) -> str:
     return "image"
 
 
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int | None = None, strict: bool = True) -> Image.Image:
     """Decode image bytes to an upright RGB image (EXIF orientation applied, first frame).
 
     Raises ``DecodeError`` whose message names what is wrong: "zero-byte image", "cannot identify
-    image", "decompression bomb N px", "truncated jpeg: ...". ``max_pixels`` is Pillow's
-    decompression-bomb limit for this call (None: the current ``Image.MAX_IMAGE_PIXELS``); it is
-    set and restored around the decode only, never across a generator's ``yield``.
+    image", "decompression bomb N px", "truncated jpeg: ...", "corrupt jpeg: Corrupt JPEG data:
+    bad Huffman code" (``strict``: libjpeg's warnings are errors, ``check_jpeg_data``).
+    ``max_pixels`` is Pillow's decompression-bomb limit for this call (None: the current
+    ``Image.MAX_IMAGE_PIXELS``); it is set and restored around the decode only, never across a
+    generator's ``yield``.
     """
     if len(data) == 0:
         raise DecodeError("zero-byte image")
     guard = pixel_limit(max_pixels) if max_pixels is not None else contextlib.nullcontext()
     fmt = sniff_format(data)
     try:
-        with guard:
+        with guard, no_truncated_images():
             image = Image.open(io.BytesIO(data))
             fmt = (image.format or fmt).lower()
             limit = Image.MAX_IMAGE_PIXELS
@@ -117,6 +157,8 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
                 raise DecodeError(f"decompression bomb {image.width * image.height} px")
             image.seek(0)
             image.load()
+            if strict and fmt in ("jpeg", "mpo"):
+                check_jpeg_data(data)
             try:
                 upright = ImageOps.exif_transpose(image)
             except Exception:  # noqa: BLE001 - a broken EXIF block must not reject a good image
@@ -156,8 +198,10 @@ def decode_or_none(data: bytes | Image.Image | None, max_pixels: int | None = No
 
 __all__ = [
     "DecodeError",
+    "check_jpeg_data",
     "decode_image",
     "decode_or_none",
+    "no_truncated_images",
     "pixel_limit",
     "sniff_format",
     "to_rgb",

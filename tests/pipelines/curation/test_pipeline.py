@@ -14,7 +14,13 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-from conftest import catalog_entries, curation_catalog, curation_params, tiny_curation_inputs
+from conftest import (
+    add_params,
+    catalog_entries,
+    curation_catalog,
+    curation_params,
+    tiny_curation_inputs,
+)
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog
 from kedro.runner import SequentialRunner
@@ -41,7 +47,9 @@ NODE_ORDER = [
     "deduplicate",
     "build_pool_manifest",
     "detect_faces",
+    "export_dfn_uids",
     "write_dfn_subset",
+    "check_dfn_subset",
     "report_curation",
     "plot_curation",
 ]
@@ -52,7 +60,15 @@ def test_node_names_are_stable_and_in_data_order() -> None:
     pipe = create_pipeline()
     assert [n.name for n in pipe.nodes] == NODE_ORDER
     assert all("curation" in n.tags for n in pipe.nodes)
-    assert pipe.inputs() == INPUTS | {"params:curation"}
+    params = {name for name in pipe.inputs() if name.startswith("params:")}
+    assert pipe.inputs() - params == INPUTS
+    assert params == {f"params:curation.{block}" for block in (
+        "index", "filter_network", "scoring", "filters", "filters.nsfw_threshold", "dedup", "faces",
+        "subset", "report", "executor", "progress")}
+    takes = {n.name: {i.removeprefix("params:curation.") for i in n.inputs if i.startswith("params:")}
+             for n in pipe.nodes}
+    assert takes["apply_filters"] == takes["build_pool_manifest"] == {"filters"}
+    assert takes["report_curation"] == {"report"} and takes["check_dfn_subset"] == {"subset"}
     assert set(pipe.from_nodes("deduplicate").nodes) >= {
         n for n in pipe.nodes if n.name in ("write_dfn_subset", "plot_curation")
     }
@@ -93,7 +109,7 @@ def test_tiny_pool_runs_end_to_end(tmp_path: Path) -> None:
     params = curation_params(keep_fraction=0.5, min_shorter_side=32)
     inputs = tiny_curation_inputs(tmp_path / "inputs")
     catalog = curation_catalog(tmp_path, inputs)
-    catalog["params:curation"] = params
+    add_params(catalog, "curation", params)
     SequentialRunner().run(create_pipeline(), catalog)
 
     manifest = catalog.load("pool_manifest")
@@ -123,17 +139,17 @@ def test_tiny_pool_runs_end_to_end(tmp_path: Path) -> None:
     assert report["funnel"]["input"] == 24 and report["truth"] is None
     assert report["funnel"]["kept"] == len(kept)
     assert set(report["seconds"]) == {n for n in NODE_ORDER if n not in (
-        "report_curation", "plot_curation")}
-    assert report["subset"]["written"] == len(kept)
+        "export_dfn_uids", "write_dfn_subset", "report_curation", "plot_curation")}
+    assert report["subset"]["written"] == len(kept) and report["subset"]["undecodable"] == 0
     assert catalog.load("clip_embeddings")["image_emb"].dtype == pl.Array(pl.Float16, 16)
 
 
 def test_open_clip_scoring_skips_the_filter_network(tmp_path: Path) -> None:
     from aim_kedro.pipelines.curation.nodes import train_filter_network_node
 
-    params = {**copy.deepcopy(PARAMS), "scoring": {"model": "open_clip", "model_name": "RN50"}}
     pool = ShardSet.open(tiny_curation_inputs(tmp_path)["trusted_pairs"])
-    out = train_filter_network_node(pool, params)
+    out = train_filter_network_node(pool, PARAMS["filter_network"],
+                                    {"model": "open_clip", "model_name": "RN50"})
     assert out["state_dict"] == {} and out["metadata"]["skipped"] is True
 
 
@@ -156,7 +172,7 @@ def sample_run(tmp_path_factory) -> Path:
     parameters["curation"]["progress"] = False
     catalog = DataCatalog.from_config(entries)
     for name in ("sample", "curation"):
-        catalog[f"params:{name}"] = parameters[name]
+        add_params(catalog, name, parameters[name])
     from aim_kedro.pipelines.sample import create_pipeline as sample_pipeline
 
     SequentialRunner().run(sample_pipeline(), catalog)
@@ -252,7 +268,7 @@ def _originals(raw: ShardSet, uids: set[str]) -> dict[str, Image.Image]:
 
 @pytest.mark.slow
 def test_faces_in_the_subset_are_blurred(sample_run: Path) -> None:
-    detector = make_detector(**validate_curation_params(PARAMS).faces)
+    detector = make_detector(**validate_curation_params(PARAMS).faces.detector)
     dfn = pl.read_parquet(_latest(sample_run, "data/05_model_input/dfn_manifest.parquet"))
     truth = pl.read_parquet(_latest(sample_run, "data/01_raw/sample_truth.parquet"))
     face_uids = set(truth.filter(pl.col("kind") == "face")["uid"])
@@ -275,8 +291,8 @@ def test_faces_in_the_subset_are_blurred(sample_run: Path) -> None:
 def test_every_sample_face_would_be_blurred(sample_run: Path) -> None:
     """The score cut keeps few faces (trusted_pairs has no face captions), so the face nodes
     also run on every face image of the sample, as if all were kept."""
-    params = {**copy.deepcopy(PARAMS), "progress": False}
-    detector = make_detector(**validate_curation_params(params).faces)
+    params = copy.deepcopy(PARAMS)
+    detector = make_detector(**validate_curation_params(params).faces.detector)
     truth = pl.read_parquet(_latest(sample_run, "data/01_raw/sample_truth.parquet"))
     face_uids = set(truth.filter(pl.col("kind") == "face")["uid"])
     manifest = pl.read_parquet(_latest(sample_run, "data/03_primary/pool_manifest.parquet"))
@@ -284,9 +300,10 @@ def test_every_sample_face_would_be_blurred(sample_run: Path) -> None:
     index = pl.read_parquet(_latest(sample_run, "data/02_intermediate/pool_index.parquet"))
     scores = pl.read_parquet(_latest(sample_run, "data/04_feature/clip_scores.parquet"))
     raw = ShardSet.open(str(_latest(sample_run, "data/01_raw/raw_pool")))
-    faces, stats = detect_faces_node(raw, as_kept, params)
+    run_on = (params["index"], params["executor"], False)
+    faces, stats = detect_faces_node(raw, as_kept, params["faces"], *run_on)
     assert stats["images"] == len(face_uids) and stats["images_with_faces"] >= 0.9 * len(face_uids)
-    samples, dfn, _ = write_dfn_subset(raw, as_kept, index, scores, faces, params)
+    samples, dfn = write_dfn_subset(raw, as_kept, index, scores, faces, params["subset"], *run_on)
     written = {sample_json(s)["uid"]: s for s in samples}
     originals = _originals(raw, face_uids)
     detected = set(faces.filter(pl.col("face_count") > 0)["uid"])

@@ -4,6 +4,7 @@ fails early, and `-e ray` changes only the executor. Ray runs locally (2 CPUs), 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -13,14 +14,14 @@ from typing import Any
 import polars as pl
 import pytest
 import ray
-from conftest import PROJECT, curation_catalog, curation_params, tiny_curation_inputs
+from conftest import PROJECT, add_params, curation_catalog, curation_params, tiny_curation_inputs
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, Version
 from kedro.runner import SequentialRunner
 from polars.testing import assert_frame_equal
 
 from aim_kedro import settings
-from aim_kedro.curation.ray_engine import ExecutorConfig
+from aim_kedro.curation.executors import ExecutorConfig
 from aim_kedro.datasets import WebDatasetShards
 from aim_kedro.pipelines.curation import create_pipeline
 from aim_kedro.pipelines.curation.nodes import validate_curation_params
@@ -47,13 +48,13 @@ def test_ray_path_gives_the_local_manifest_and_subset(tmp_path: Path, local_ray:
     params = curation_params(keep_fraction=0.5, min_shorter_side=32)
     params["scoring"]["batch_size"] = 4  # shards of 6: two scoring batches per shard
     local = curation_catalog(tmp_path / "local", inputs)
-    local["params:curation"] = params
+    add_params(local, "curation", params)
     SequentialRunner().run(create_pipeline(), local)
 
     # The Ray run reads the pool through a file:// URL and writes the subset to memory://, and
     # reuses the local run's filtering network, so any difference is the executor's.
     on_ray = curation_catalog(tmp_path / "ray", {**inputs, "raw_pool": f"file://{inputs['raw_pool']}"})
-    on_ray["params:curation"] = {**copy.deepcopy(params), "executor": {"kind": "ray"}}
+    add_params(on_ray, "curation", {**copy.deepcopy(params), "executor": {"kind": "ray"}})
     on_ray["filter_network"] = local.load("filter_network")
     on_ray["dfn_subset"] = WebDatasetShards(
         filepath=f"memory://{tmp_path.name}/dfn_subset", version=Version(None, None)
@@ -108,3 +109,45 @@ def test_ray_environment_only_switches_the_executor() -> None:
     assert {k: v for k, v in on_ray.items() if k != "executor"} == {
         k: v for k, v in base.items() if k != "executor"
     }
+
+
+# --- the executor itself, on small work functions (shipped to the workers by value) ----------
+
+
+def _items(task, n: int) -> Iterator[str]:
+    return (f"{task.order}:{i}" for i in range(n * (task.order + 1) if task.order != 1 else 0))
+
+
+def _parts(task) -> list[int]:
+    return list(range(task.order + 1)) if task.order != 1 else []
+
+
+def _apply(model: str, part: int) -> str:
+    return f"{model}{part}"
+
+
+def test_ray_executor_keeps_task_order_across_blocks_and_empty_tasks(
+    tmp_path: Path, local_ray: None
+) -> None:
+    import sys
+
+    from ray import cloudpickle
+
+    from aim_kedro.curation.executors import ModelStage, shard_tasks
+    from aim_kedro.curation.ray_executor import ITEMS_PER_BLOCK, RayExecutor
+    from aim_kedro.io.shards import ShardSet, write_shards
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    write_shards([{"__key__": f"k{i}", "txt": "x"} for i in range(3)], str(tmp_path),
+                 samples_per_shard=1)
+    tasks = shard_tasks(ShardSet.open(str(tmp_path)))
+    executor = RayExecutor(ExecutorConfig(kind="ray"), progress=False)
+    n = ITEMS_PER_BLOCK + 5  # task 0: 2 blocks, task 1: nothing, task 2: 4 blocks
+    assert list(executor.stream_shards(functools.partial(_items, n=n), tasks)) == [
+        f"{t}:{i}" for t in (0, 2) for i in range(n * (t + 1))]
+    assert executor.map_shards(_parts, tasks) == [[0], [], [0, 1, 2]]
+    assert list(executor.map_model(ModelStage(lambda: "m", _parts, _apply), tasks)) == [
+        ["m0"], [], ["m0", "m1", "m2"]]
+    assert executor.model_here(lambda: "m") is None
+    assert executor.describe(want_gpu=False) == {"executor": "ray", "scoring_actors": 1,
+                                                 "gpus_per_actor": 0.0}

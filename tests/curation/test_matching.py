@@ -1,0 +1,82 @@
+"""Pairs of matching images: union-find, faiss range searches, equal hashes, hash arrays."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+import polars as pl
+from conftest import noise_png
+
+from aim_kedro.curation.index import INDEX_SCHEMA, IndexConfig, index_sample
+from aim_kedro.curation.matching import (
+    HashArrays,
+    UnionFind,
+    color_distance,
+    cosine_pairs,
+    equal_pairs,
+    hamming_distance,
+    hamming_pairs,
+    hash_pairs,
+    phash_codes,
+)
+
+
+def test_union_find_merges_transitively() -> None:
+    uf = UnionFind(5)
+    uf.union(0, 1)
+    uf.union(3, 1)
+    roots = uf.roots()
+    assert roots[0] == roots[1] == roots[3] and len({roots[2], roots[4], roots[0]}) == 3
+
+
+def test_range_searches_match_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, 60, dtype=np.uint64)
+    hashes[10] = hashes[3] ^ np.uint64(0b101)
+    i, j, d = hamming_pairs(phash_codes(hashes), 8)
+    expected = {
+        (a, b) for a, b in itertools.combinations(range(60), 2)
+        if hamming_distance(int(hashes[a]), int(hashes[b])) <= 8
+    }
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == expected and (3, 10) in expected
+    assert d[list(zip(i, j, strict=True)).index((3, 10))] == 2
+
+    emb = rng.normal(size=(40, 16)).astype(np.float16)
+    emb[7] = emb[2] * 3
+    i, j, sims = cosine_pairs(emb, 0.99)
+    assert (2, 7) in set(zip(i.tolist(), j.tolist(), strict=True)) and sims.min() >= 0.99 - 1e-3
+    i, j, _ = cosine_pairs(emb[:5], 0.99, emb[5:])
+    assert (2, 2) in set(zip(i.tolist(), j.tolist(), strict=True))
+
+
+def test_equal_pairs_link_each_group() -> None:
+    i, j = equal_pairs(["a", None, "b", "a", None, "a"])
+    assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [(0, 3), (0, 5)]
+
+
+def _hashes(pngs: list[bytes]) -> HashArrays:
+    rows = [index_sample({"__key__": f"k{i}", "png": data, "txt": "a caption"}, i, "s.tar",
+                         IndexConfig())[0] for i, data in enumerate(pngs)]
+    return HashArrays.from_table(pl.DataFrame(rows, schema=INDEX_SCHEMA))
+
+
+def test_hash_arrays_read_the_index_columns() -> None:
+    arrays = _hashes([noise_png(1)])
+    assert arrays.codes.shape == (1, 8) and arrays.crop_codes.shape == (10, 8)
+    assert arrays.crop_owner.tolist() == [0] * 10 and arrays.grids.shape == (1, 48)
+
+
+def test_hash_pairs_find_crops_and_check_colours() -> None:
+    from PIL import Image
+
+    base = Image.open(io.BytesIO(noise_png(0)))
+    buffer = io.BytesIO()
+    base.crop((3, 3, 64, 64)).resize((64, 64), Image.Resampling.BICUBIC).save(buffer, "PNG")
+    pool = _hashes([noise_png(0), buffer.getvalue(), noise_png(1)])
+    i, j = hash_pairs(pool, radius=2, crop_radius=None, max_color=None)
+    assert (0, 1) not in set(zip(i.tolist(), j.tolist(), strict=True))
+    i, j = hash_pairs(pool, radius=2, crop_radius=4, max_color=15.0)
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == {(0, 1)}
+    assert color_distance(pool.grids[[0]], pool.grids[[0]]).tolist() == [0.0]
