@@ -81,7 +81,8 @@ import sys, time
 
 import numpy as np
 
-from aim_kedro.curation.clip_score import iter_score_batches, load_clip_model
+from aim_kedro.curation.clip_models import load_clip_model
+from aim_kedro.curation.scoring import iter_score_batches
 from aim_kedro.pipelines.sample import sources
 
 device, smoke = sys.argv[1], sys.argv[2] == "1"
