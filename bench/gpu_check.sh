@@ -50,8 +50,8 @@ fi
 ROWS="$OUT/rows.tsv"
 : > "$ROWS"
 
-row() {  # check, what, figure, status
-  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$ROWS"
+row() {  # check, what, figure, status (a "|" inside a field would split the table's cell)
+  printf '%s\t%s\t%s\t%s\n' "${1//|//}" "${2//|//}" "${3//|//}" "${4//|//}" >> "$ROWS"
 }
 
 last_line() {  # the one-line summary a bench script ends with
@@ -68,7 +68,7 @@ echo "## 1/4 train_step ${STEP_ARGS[*]}"
 if "$PY" bench/train_step.py "${STEP_ARGS[@]}" > "$OUT/train_step.log" 2>&1; then
   line=$(last_line "$OUT/train_step.log")
   mfu=$(sed -n 's/.*AIM MFU \([^|]*\).*/\1/p' <<< "$line")
-  row "aim step MFU" "$PRESET bf16 compiled, sdpa / flex" "${mfu:-n/a (no peak for this device)}" ok
+  row "aim step MFU" "$PRESET $([ "$SMOKE" = 1 ] && echo 'fp32 CPU, sdpa' || echo 'bf16 compiled, sdpa / flex')" "${mfu:-n/a (no peak for this device)}" ok
 else
   row "aim step MFU" "$PRESET" "-" "FAILED (see $OUT/train_step.log)"
 fi
@@ -104,12 +104,12 @@ for name in (["ViT-B-32"] if smoke else ["ViT-B-32", "ViT-L-14"]):
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    print(f"CLIP {name} {scored / seconds:.0f} img/s (batch {batch}, {scored} images, {seconds:.1f} s)")
+    print(f"CLIPRATE {name} {scored / seconds:.0f} img/s (batch {batch}, {scored} images, {seconds:.1f} s)")
 PYEOF
 if [ $? = 0 ]; then
   while read -r _ name ips _; do
     row "CLIP scoring" "$name, random weights, batch $([ "$SMOKE" = 1 ] && echo 8 || echo 256)" "$ips img/s" ok
-  done < <(grep '^CLIP ' "$OUT/clip.log")
+  done < <(grep '^CLIPRATE ' "$OUT/clip.log")
 else
   row "CLIP scoring" "ViT-B-32 / ViT-L-14" "-" "FAILED (see $OUT/clip.log)"
 fi
