@@ -57,12 +57,14 @@ def test_keys_that_became_catalog_entries_name_the_entry():
     assert set(REMOVED) == {"pretraining.run_dir", "pretraining.secondary_shards",
                             "evaluation.trunk.source", "evaluation.trunk.path",
                             "evaluation.dataset.kind", "evaluation.dataset.train_path",
-                            "evaluation.dataset.test_path"}
+                            "evaluation.dataset.test_path", "pretraining.train.base_lr"}
     with pytest.raises(ValueError, match=r"evaluation\.dataset\.kind and evaluation\.dataset\."
                                          r"train_path are no longer parameters: .*probe_train"):
         check_removed({"dataset": {"kind": "image_folder", "train_path": "/x"}}, "evaluation")
     with pytest.raises(ValueError, match="`secondary_pool`"):
         PretrainingConfig.from_params({"secondary_shards": None})
+    with pytest.raises(ValueError, match=r"pretraining\.train\.base_lr is no longer.*lr_scaling: linear"):
+        PretrainingConfig.from_params({"train": {"base_lr": 1e-3}})
     check_removed({"dataset": {"num_classes": 10}, "trunk": None}, "evaluation")
 
 

@@ -171,3 +171,63 @@ def test_low_shot_probe_on_the_drawn_rows_only_matches_the_full_set():
     assert (
         fixed_lr_probe_top1(subset, test, NUM_CLASSES, HEADS, protocol, 1e-2, draws=local) == full
     )
+
+
+def test_gradients_are_clipped_to_the_configured_norm(monkeypatch):
+    train = blobs(10, seed=0)
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        total = clip(parameters, max_norm, *args, **kwargs)
+        norms.append((max_norm, float(total)))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    training = ProbeTraining(epochs=1, min_steps=6, batch_size=16)
+    train_probe("attentive", train.tokens, train.labels, NUM_CLASSES, HEADS, 1e-2, training)
+    assert norms == []
+    head = train_probe("attentive", train.tokens, train.labels, NUM_CLASSES, HEADS, 1e-2,
+                       ProbeTraining(epochs=1, min_steps=6, batch_size=16, grad_clip=1e-3))
+    assert len(norms) == 6 and all(max_norm == 1e-3 for max_norm, _ in norms)
+    grads = [p.grad for p in head.parameters() if p.grad is not None]
+    assert torch.sqrt(sum(g.pow(2).sum() for g in grads)) <= 1e-3 * (1 + 1e-4)
+
+
+class NoisyViews:
+    """``ProbeViews`` over blob tokens: each draw adds fresh noise (an augmentation stand-in
+    that counts how often it was drawn)."""
+
+    def __init__(self, split: FeatureSplit, rows=None, draws=None):
+        self.split, self.rows = split, torch.arange(len(split.labels)) if rows is None else rows
+        self.draws = draws if draws is not None else []
+        self.shape = (len(self.rows), *split.tokens.shape[1:])
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, rows):
+        return NoisyViews(self.split, self.rows[rows], self.draws)
+
+    def views(self, generator):
+        self.draws.append(len(self.rows))
+        tokens = self.split.tokens[self.rows].float()
+        return tokens + 0.1 * torch.randn(tokens.shape, generator=generator)
+
+
+def test_protocol_on_views_fits_on_fresh_draws_and_reports_the_same_entries():
+    train, test = blobs(20, 0), blobs(10, 1)
+    protocol = small_protocol()
+    cached = run_protocol(train, test, NUM_CLASSES, HEADS, protocol, layers=[2, 3])
+    views = NoisyViews(train)
+    drawn = run_protocol(train, test, NUM_CLASSES, HEADS, protocol, layers=[2, 3],
+                         train_views=views)
+    assert set(drawn) == set(cached)
+    for name, entry in drawn.items():
+        assert set(entry) == set(cached[name])
+    steps = protocol.training.min_steps
+    fits = 2 * (2 * len(protocol.lrs["attentive"]) + 1 + len(protocol.shot_seeds))
+    assert len(views.draws) >= fits * steps  # every optimiser step drew its batch afresh
+    assert drawn["attentive"]["top1"] >= 0.9
+    with pytest.raises(ValueError, match="training views"):
+        run_protocol(train, test, NUM_CLASSES, HEADS, protocol, [0], train_views=views[:5])

@@ -30,7 +30,8 @@ def test_param_groups_skip_decay_on_biases_norms_and_1d():
 
 
 def test_lr_schedule_warmup_cosine_and_scaling():
-    cfg = TrainConfig(batch_size=1024, warmup_steps=10, total_steps=110, lr=None)
+    cfg = TrainConfig(batch_size=1024, warmup_steps=10, total_steps=110, lr=1e-3,
+                      lr_scaling="linear")
     assert cfg.peak_lr() == pytest.approx(1e-3 * 1024 / 4096)
     lrs = [lr_at(s, cfg) for s in range(cfg.total_steps)]
     assert lrs[0] == pytest.approx(cfg.peak_lr() / 10)

@@ -29,7 +29,8 @@ LAST = "last.pt"
 PREVIOUS = "previous.pt"
 RESULT = "result.json"
 INTERMEDIATE = "intermediate"
-RESUME_KNOBS = ("batch_size", "grad_accum_steps", "seed", "total_steps", "lr", "base_lr")
+RESUME_KNOBS = ("batch_size", "grad_accum_steps", "seed", "total_steps", "lr", "lr_scaling",
+               "warmup_steps", "warmup_fraction", "warmup_start_lr")
 
 
 @dataclass

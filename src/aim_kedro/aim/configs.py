@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import torch
 
 from aim_kedro.aim.features import LayerSpec, check_layer_spec
+from aim_kedro.aim.probe_views import ViewAugmentation
 from aim_kedro.aim.probes import PROBE_KINDS, ProbeProtocol, ProbeTraining
 from aim_kedro.aim.train import TrainConfig
 from aim_kedro.common.config import from_mapping
@@ -25,6 +26,7 @@ from aim_kedro.common.config import from_mapping
 logger = logging.getLogger(__name__)
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+PROBE_RECIPES = ("cached", "aim_paper")
 _PROBE_SETS = ("the labelled sets are the catalog entries probe_train / probe_test: point them "
                "at an aim_kedro.datasets.ImageFolderDataset (one folder per class) or "
                "WebDatasetShards folder in conf/local/catalog.yml")
@@ -34,6 +36,8 @@ REMOVED = {
     "pretraining.secondary_shards": "the mixed-in shards are the catalog entry `secondary_pool` "
                                     "(point its filepath at the shard folder in "
                                     "conf/local/catalog.yml; an absent folder mixes nothing)",
+    "pretraining.train.base_lr": "set pretraining.train.lr (the peak lr at base_batch_size) with "
+                                 "lr_scaling: linear for the linear scaling rule",
     "evaluation.trunk.source": "`kedro run --pipelines evaluation` probes `aim_checkpoint`, "
                                "`--pipelines evaluation_ml_aim` the catalog entry "
                                "`ml_aim_checkpoint`",
@@ -246,6 +250,53 @@ class ProbesConfig:
 
 
 @dataclass
+class AimPaperConfig:
+    """``evaluation.aim_paper``: the paper's probe recipe (``evaluation.recipe: aim_paper``):
+    every probe fits on augmented views through the frozen trunk for ``epochs`` (lr sweep,
+    low-shot draws and batch size as ``evaluation.probes``), with this weight decay for every
+    kind and gradient clipping; features are extracted at ``crop_pct`` (0.875: resize 256,
+    centre 224)."""
+
+    epochs: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 3.0
+    crop_pct: float = 0.875
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    flip: bool = True
+    color_jitter: float = 0.3
+    randaugment: bool = True
+
+    def augmentation(self) -> ViewAugmentation:
+        """How training views are drawn."""
+        return ViewAugmentation(tuple(self.scale), bool(self.flip), float(self.color_jitter),
+                                bool(self.randaugment))
+
+    def protocol(self, probes: ProbesConfig, device: str) -> ProbeProtocol:
+        """``probes``'s protocol with this recipe's epochs, weight decay and clipping."""
+        base = probes.protocol(device)
+        training = dataclasses.replace(base.training, epochs=int(self.epochs),
+                                       grad_clip=float(self.grad_clip))
+        return dataclasses.replace(base, training=training,
+                                   weight_decay={k: float(self.weight_decay) for k in base.kinds})
+
+    def validate(self) -> None:
+        """Check counts, numbers and the augmentation."""
+        _positive_int("evaluation.aim_paper.epochs", self.epochs)
+        _number("evaluation.aim_paper.weight_decay", self.weight_decay, 0.0, 1.0, True)
+        _number("evaluation.aim_paper.grad_clip", self.grad_clip, 0.0, float("inf"), False)
+        _number("evaluation.aim_paper.crop_pct", self.crop_pct, 0.0, 1.0, True)
+        _number("evaluation.aim_paper.color_jitter", self.color_jitter, 0.0, 1.0, True)
+        for key in ("flip", "randaugment"):
+            if not isinstance(getattr(self, key), bool):
+                _fail(f"evaluation.aim_paper.{key}", f"is {getattr(self, key)!r}", "use true or false")
+        try:
+            self.augmentation()
+        except (TypeError, ValueError) as exc:
+            _fail("evaluation.aim_paper.scale", f"is {self.scale!r} ({exc})",
+                  "give [low, high] with 0 < low <= high <= 1, e.g. [0.08, 1.0]")
+
+
+@dataclass
 class LossVsAccuracyConfig:
     """``evaluation.loss_vs_accuracy``: the fixed-lr probe fitted per intermediate checkpoint."""
 
@@ -260,18 +311,21 @@ class EvaluationConfig:
     """``evaluation``: the device and one block per stage of probing."""
 
     device: str = "auto"
+    recipe: str = "cached"
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     random_init: RandomInitConfig = field(default_factory=RandomInitConfig)
     probes: ProbesConfig = field(default_factory=ProbesConfig)
+    aim_paper: AimPaperConfig = field(default_factory=AimPaperConfig)
     loss_vs_accuracy: LossVsAccuracyConfig = field(default_factory=LossVsAccuracyConfig)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> EvaluationConfig:
         """Build and check ``params:evaluation``; ``device: auto`` becomes ``cuda`` or ``cpu``."""
         check_removed(params, "evaluation")
-        for name in ("trunk", "dataset", "features", "random_init", "probes", "loss_vs_accuracy"):
+        for name in ("trunk", "dataset", "features", "random_init", "probes", "aim_paper",
+                     "loss_vs_accuracy"):
             if params.get(name) is None:
                 params = {**params, name: {}}
             elif not isinstance(params[name], Mapping):
@@ -297,6 +351,13 @@ class EvaluationConfig:
         _number("evaluation.features.crop_pct", features.crop_pct, 0.0, 1.0, True)
         _positive_int("evaluation.dataset.num_classes", self.dataset.num_classes, allow_none=True)
         self.probes.validate()
+        self.aim_paper.validate()
+        if self.recipe not in PROBE_RECIPES:
+            _fail("evaluation.recipe", f"is {self.recipe!r}", f"use one of {list(PROBE_RECIPES)}")
+        if self.recipe == "aim_paper" and features.crop_pct != self.aim_paper.crop_pct:
+            logger.info("evaluation.recipe aim_paper: eval view crop_pct %g (evaluation.aim_paper)",
+                        self.aim_paper.crop_pct)
+            features.crop_pct = float(self.aim_paper.crop_pct)
         lva = self.loss_vs_accuracy
         if lva.kind not in PROBE_KINDS or not float(lva.lr) > 0:
             _fail("evaluation.loss_vs_accuracy", f"is {dataclasses.asdict(lva)}",

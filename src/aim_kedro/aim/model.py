@@ -4,10 +4,12 @@ State-dict names (own format; `interop` converts to/from the published AIM v1 na
   trunk.patch_embed.proj.{weight,bias}, trunk.patch_embed.norm.{weight,bias},
   trunk.blocks.<i>.{norm1,norm2}.{weight,bias}, trunk.blocks.<i>.attn.{qkv,proj}.weight,
   trunk.blocks.<i>.mlp.{fc1,fc2}.weight, trunk.post_trunk_norm.{weight,bias},
-  head.embed.weight, head.blocks.<i>.norm.{weight,bias}, head.blocks.<i>.mlp.{fc1,fc2}.weight,
-  head.norm.{weight,bias}, head.out.weight (pixel head, `AIM`),
+  head.embed.{weight,bias}, head.blocks.<i>.norm.{weight,bias} (head_block "mlp") or
+  head.blocks.<i>.{norm1,norm2}.{weight,bias} ("identity_attn"), head.blocks.<i>.mlp.{fc1,fc2}.weight,
+  head.norm.{weight,bias}, head.out.{weight,bias} (pixel head, `AIM`; biases with head_bias),
   head.cls_token, head.{k,v,linear}.weight, head.bn.* (attentive probe, `AIMProbeModel`).
-The position embedding is a fixed, non-persistent buffer (not in the state dict).
+Position embeddings (the trunk's, and the head's with head_pos_embed) are fixed, non-persistent
+buffers (not in the state dict).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from aim_kedro.aim.attention import AIMAttention, AttnMask, build_prefix_causal_mask
 from aim_kedro.aim.loss import aim_pixel_loss
-from aim_kedro.aim.presets import AIMConfig
+from aim_kedro.aim.presets import INITS, AIMConfig
 
 LN_EPS = 1e-6
 INIT_STD = 0.02
@@ -67,6 +69,36 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def xavier_init(module: nn.Module) -> None:
+    """ml-l3m's init (MAE's, after the JAX ViT): xavier-uniform linears with zero biases, the
+    fused qkv as three separate D x D projections, the patch conv's weight viewed as a linear
+    [D, C*p*p] (its bias keeps PyTorch's default, as ml-l3m and MAE leave it), LayerNorm 1/0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            init_weights(m)
+    for m in module.modules():
+        if isinstance(m, AIMAttention):
+            for chunk in m.qkv.weight.data.chunk(3, dim=0):
+                nn.init.xavier_uniform_(chunk)
+        elif isinstance(m, PatchEmbed):
+            weight = m.proj.weight.data
+            nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+
+
+def initialise(module: nn.Module, style: str) -> None:
+    """Initialise every weight of ``module`` in ``style`` (``AIMConfig.init``)."""
+    if style == "trunc_normal":
+        module.apply(init_weights)
+    elif style == "xavier_uniform":
+        xavier_init(module)
+    else:
+        raise ValueError(f"init must be one of {list(INITS)}, got {style!r}.")
+
+
 class PatchEmbed(nn.Module):
     """Conv2d patch projection (kernel = stride = patch, with bias) followed by a LayerNorm."""
 
@@ -104,7 +136,7 @@ class AIMTrunk(nn.Module):
             for _ in range(cfg.depth)
         )
         self.post_trunk_norm = LayerNorm(cfg.embed_dim)
-        self.apply(init_weights)
+        initialise(self, cfg.init)
 
     def reset_pos_embed(self) -> None:
         """Recompute the fixed position table on the weights' device (after meta-device builds)."""
@@ -185,22 +217,68 @@ class HeadBlock(nn.Module):
         return x + self.mlp(self.norm(x))
 
 
+class IdentityAttnBlock(nn.Module):
+    """ml-l3m's head block: the trunk's pre-norm block with an identity in place of attention,
+    so ``x + norm1(x)``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, dim: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.norm1(x)
+        return x + self.mlp(self.norm2(x))
+
+
+HEAD_BLOCK_TYPES: dict[str, type[nn.Module]] = {"mlp": HeadBlock, "identity_attn": IdentityAttnBlock}
+
+
 class PixelHead(nn.Module):
-    """Per-patch MLP head: linear D -> W, `depth` MLP blocks, LayerNorm, linear W -> p*p*C."""
+    """Per-patch MLP head: linear D -> W (+ a fixed sin-cos position embedding over a
+    ``pos_embed_grid`` side grid when given), `depth` blocks, LayerNorm, linear W -> p*p*C.
+
+    ``block``, ``bias`` and ``init`` are ``AIMConfig.head_block``, ``head_bias`` and ``init``.
+    """
 
     def __init__(
-        self, in_dim: int, embed_dim: int, depth: int, out_dim: int, mlp_ratio: float = 4.0
+        self, in_dim: int, embed_dim: int, depth: int, out_dim: int, mlp_ratio: float = 4.0,
+        *, block: str = "mlp", bias: bool = False, pos_embed_grid: int | None = None,
+        init: str = "trunc_normal",
     ) -> None:
         super().__init__()
+        if block not in HEAD_BLOCK_TYPES:
+            raise ValueError(f"head block must be one of {list(HEAD_BLOCK_TYPES)}, got {block!r}.")
         self.grad_checkpointing = False
-        self.embed = nn.Linear(in_dim, embed_dim, bias=False)
-        self.blocks = nn.ModuleList(HeadBlock(embed_dim, mlp_ratio) for _ in range(depth))
+        self.embed = nn.Linear(in_dim, embed_dim, bias=bias)
+        table = None if pos_embed_grid is None else sincos_pos_embed_2d(embed_dim, pos_embed_grid)[None]
+        self.register_buffer("pos_embed", table, persistent=False)
+        self.blocks = nn.ModuleList(
+            HEAD_BLOCK_TYPES[block](embed_dim, mlp_ratio) for _ in range(depth)
+        )
         self.norm = LayerNorm(embed_dim)
-        self.out = nn.Linear(embed_dim, out_dim, bias=False)
-        self.apply(init_weights)
+        self.out = nn.Linear(embed_dim, out_dim, bias=bias)
+        initialise(self, init)
+
+    @classmethod
+    def from_config(cls, cfg: AIMConfig) -> PixelHead:
+        """The pixel head an ``AIM`` of ``cfg`` has."""
+        return cls(
+            cfg.embed_dim, cfg.head_embed_dim, cfg.head_depth, cfg.patch_dim, cfg.mlp_ratio,
+            block=cfg.head_block, bias=cfg.head_bias, init=cfg.init,
+            pos_embed_grid=cfg.grid_size if cfg.head_pos_embed else None,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
+        if self.pos_embed is not None:
+            if x.shape[1] != self.pos_embed.shape[1]:
+                raise ValueError(
+                    f"PixelHead's position embedding has {self.pos_embed.shape[1]} positions, "
+                    f"the input {x.shape[1]} tokens."
+                )
+            x = x + self.pos_embed.to(x.dtype)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
@@ -216,9 +294,7 @@ class AIM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.trunk = AIMTrunk(cfg)
-        self.head = PixelHead(
-            cfg.embed_dim, cfg.head_embed_dim, cfg.head_depth, cfg.patch_dim, cfg.mlp_ratio
-        )
+        self.head = PixelHead.from_config(cfg)
         self.grad_checkpointing = grad_checkpointing
 
     @property

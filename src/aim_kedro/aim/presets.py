@@ -1,4 +1,11 @@
-"""AIM model configurations: one dataclass and the named presets (data, not code paths)."""
+"""AIM model configurations: one dataclass, the named presets and their training recipes (data,
+not code paths).
+
+Where the project and Apple's own code (apple/ml-l3m, ``configs/aimv1/001_aim_v1_600M.yaml``)
+differ, both are configuration: the paper presets (``aim_600M`` ... ``aim_7B``) and
+``aim_highres`` take ml-l3m's choices, the small presets keep the project's, on which the
+sample's figures were measured.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,9 @@ from typing import Any
 from aim_kedro.common.config import check_keys, from_mapping
 
 ATTN_BACKENDS = ("sdpa", "flex")
+HEAD_BLOCKS = ("mlp", "identity_attn")
+INITS = ("trunc_normal", "xavier_uniform")
+LR_SCALINGS = ("none", "linear")
 DEFAULT_NUM_PROBE_LAYERS = 6
 
 
@@ -23,6 +33,14 @@ class AIMConfig:
 
     `probe_layers` may be given as a sequence of block indices, an int k (the last k blocks) or
     None (the last 6 blocks, or all of them when depth < 6); it is stored as a tuple of ints.
+
+    Pixel head and init (defaults: the project's; ml-l3m's in brackets): `head_pos_embed` adds
+    a fixed 2-D sin-cos position embedding after the head's input projection [True];
+    `head_bias` gives that projection and the output one biases [True]; `head_block` is "mlp"
+    (x + mlp(norm(x))) or "identity_attn" (the trunk's block with an identity for attention:
+    x + norm1(x), then x + mlp(norm2(x))) ["identity_attn"]; `init` is "trunc_normal" (std
+    0.02 everywhere) or "xavier_uniform" (linears, q/k/v as three projections, the patch conv
+    as a linear) ["xavier_uniform"].
     """
 
     img_size: int = 224
@@ -36,6 +54,10 @@ class AIMConfig:
     head_depth: int = 12
     attn_backend: str = "sdpa"
     probe_layers: tuple[int, ...] | None = field(default=None)
+    head_pos_embed: bool = False
+    head_bias: bool = False
+    head_block: str = "mlp"
+    init: str = "trunc_normal"
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
@@ -67,11 +89,15 @@ class AIMConfig:
                 f"AIMConfig.embed_dim ({self.embed_dim}) must be a multiple of 4 (2-D sin-cos "
                 "position embedding)."
             )
-        if self.attn_backend not in ATTN_BACKENDS:
-            raise ValueError(
-                f"AIMConfig.attn_backend must be one of {list(ATTN_BACKENDS)}, "
-                f"got {self.attn_backend!r}."
-            )
+        for name, allowed in (("attn_backend", ATTN_BACKENDS), ("head_block", HEAD_BLOCKS),
+                              ("init", INITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"AIMConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}."
+                )
+        for name in ("head_pos_embed", "head_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"AIMConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         object.__setattr__(self, "probe_layers", self._resolve_probe_layers(self.probe_layers))
 
     def _resolve_probe_layers(self, layers: Any) -> tuple[int, ...]:
@@ -126,11 +152,23 @@ class AIMConfig:
         return from_mapping(cls, data, "AIMConfig")
 
 
+# ml-l3m's pixel head (SimpleDecoder: decoder_projection and decoder_pred with biases, the
+# decoder's sin-cos position embedding, trunk blocks with GenericIdentity attention) and init
+# (xavier-uniform, per q/k/v projection; the patch conv as a linear, as in MAE).
+ML_L3M_MODEL: dict[str, Any] = dict(
+    head_pos_embed=True, head_bias=True, head_block="identity_attn", init="xavier_uniform"
+)
+PAPER_PRESETS = ("aim_600M", "aim_1B", "aim_3B", "aim_7B")
+
 _PRESET_ARGS: dict[str, dict[str, Any]] = {
-    "aim_600M": dict(embed_dim=1536, depth=24, num_heads=12, probe_layers=tuple(range(14, 20))),
-    "aim_1B": dict(embed_dim=2048, depth=24, num_heads=16, probe_layers=tuple(range(12, 18))),
-    "aim_3B": dict(embed_dim=3072, depth=24, num_heads=24, probe_layers=tuple(range(12, 18))),
-    "aim_7B": dict(embed_dim=4096, depth=32, num_heads=32, probe_layers=tuple(range(14, 20))),
+    "aim_600M": dict(embed_dim=1536, depth=24, num_heads=12, probe_layers=tuple(range(14, 20)),
+                     **ML_L3M_MODEL),
+    "aim_1B": dict(embed_dim=2048, depth=24, num_heads=16, probe_layers=tuple(range(12, 18)),
+                   **ML_L3M_MODEL),
+    "aim_3B": dict(embed_dim=3072, depth=24, num_heads=24, probe_layers=tuple(range(12, 18)),
+                   **ML_L3M_MODEL),
+    "aim_7B": dict(embed_dim=4096, depth=32, num_heads=32, probe_layers=tuple(range(14, 20)),
+                   **ML_L3M_MODEL),
     # ViT-B trunk with a pixel head of ~6% of the trunk's FLOPs (2 blocks of width 512), so a
     # training step costs <= 1.15x a plain ViT-B step (bench/train_step.py); an 8 x 1024 head
     # would add ~77% of the trunk's FLOPs.
@@ -145,6 +183,13 @@ _PRESET_ARGS: dict[str, dict[str, Any]] = {
         img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4,
         head_embed_dim=64, head_depth=1,
     ),
+    # `kedro run -e highres`: the sample at 224 px, patch 16 (196 tokens), with ml-l3m's choices,
+    # a trunk small enough to pre-train past the random one on 2 CPU cores within the run's
+    # 30 minutes.
+    "aim_highres": dict(
+        img_size=224, patch_size=16, embed_dim=128, depth=4, num_heads=4,
+        head_embed_dim=64, head_depth=1, **ML_L3M_MODEL,
+    ),
     "aim_tiny": dict(
         img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
         head_embed_dim=32, head_depth=1,
@@ -152,6 +197,34 @@ _PRESET_ARGS: dict[str, dict[str, Any]] = {
 }
 
 PRESETS: dict[str, AIMConfig] = {name: AIMConfig(**args) for name, args in _PRESET_ARGS.items()}
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """A preset's learning-rate schedule: what ``pretraining.train`` keys left null take.
+
+    ``lr`` is the peak; ``lr_scaling`` "none" uses it at any batch (ml-l3m: 1e-3 at whatever
+    global batch) and "linear" multiplies it by ``batch_size / base_batch_size`` (the linear
+    scaling rule). Warm-up lasts ``warmup_steps`` or ``warmup_fraction`` of the run, rising
+    linearly from ``warmup_start_lr`` (None: ``peak * (step + 1) / warmup``), then a cosine to 0.
+    """
+
+    lr: float
+    lr_scaling: str = "none"
+    warmup_steps: int | None = None
+    warmup_fraction: float | None = None
+    warmup_start_lr: float | None = None
+
+
+# ml-l3m 001_aim_v1_600M.yaml: AdamW lr 1e-3 (not scaled by the batch), a LinearParamScheduler
+# from 1e-6 over 2.5% of the iterations, then a CosineParamScheduler to 0.
+ML_L3M_RECIPE = TrainingRecipe(lr=1e-3, warmup_fraction=0.025, warmup_start_lr=1e-6)
+# What the sample was tuned on (450 steps of batch 64 on 2 cores; README figures).
+PROJECT_RECIPE = TrainingRecipe(lr=2e-3, warmup_steps=30)
+RECIPES: dict[str, TrainingRecipe] = {
+    name: ML_L3M_RECIPE if name in (*PAPER_PRESETS, "aim_highres") else PROJECT_RECIPE
+    for name in _PRESET_ARGS
+}
 
 
 def get_config(preset: str, **overrides: Any) -> AIMConfig:

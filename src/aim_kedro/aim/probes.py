@@ -1,8 +1,11 @@
-"""Probe heads trained on frozen, cached trunk features: attentive (AIM) and linear (MAE style).
+"""Probe heads trained on frozen trunk features: attentive (AIM) and linear (MAE style).
 
 The protocol: pick the learning rate on a held-out split of the TRAINING set (never the test
 set), retrain on the whole training set with it, report top-1/top-5 on the test set; the same
-with ``shots`` labelled images per class (mean and std over several draws).
+with ``shots`` labelled images per class (mean and std over several draws). Probes train on
+cached tokens, or (the paper's recipe, :mod:`aim_kedro.aim.probe_views`) on inputs whose rows
+give fresh augmented views through the trunk: anything that ``inputs[rows]`` turns into an
+object with ``views(generator) -> Tensor``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +29,27 @@ from aim_kedro.common.training import param_groups, warmup_cosine
 logger = logging.getLogger(__name__)
 
 PROBE_KINDS = ("attentive", "linear")
+
+
+class ProbeViews(Protocol):
+    """Training inputs computed per batch (e.g. augmented views through a frozen trunk)."""
+
+    shape: tuple[int, ...]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: Tensor) -> ProbeViews: ...
+
+    def views(self, generator: torch.Generator) -> Tensor: ...
+
+
+ProbeInputs = Tensor | ProbeViews
+
+
+def batch_inputs(inputs: ProbeInputs, rows: Tensor, generator: torch.Generator) -> Tensor:
+    """The rows of cached features, or fresh views of those rows (drawn with ``generator``)."""
+    chosen = inputs[rows]
+    return chosen if isinstance(chosen, Tensor) else chosen.views(generator)
 
 
 class LinearProbeHead(nn.Module):
@@ -100,6 +124,7 @@ class ProbeTraining:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 0.0
     eval_batch_size: int = 256
     device: str = "cpu"
 
@@ -120,7 +145,7 @@ def _batches(num: int, batch_size: int, generator: torch.Generator) -> list[Tens
 
 def train_probe(
     kind: str,
-    features: Tensor,
+    features: ProbeInputs,
     labels: Tensor,
     num_classes: int,
     num_heads: int,
@@ -129,7 +154,8 @@ def train_probe(
     seed: int = 0,
     progress: bool = False,
 ) -> nn.Module:
-    """Fit a fresh probe head on cached features (``[N, T, D]`` tokens or ``[N, D]`` pooled).
+    """Fit a fresh probe head on cached features (``[N, T, D]`` tokens or ``[N, D]`` pooled)
+    or on ``ProbeViews``; gradients are clipped to ``training.grad_clip`` when it is > 0.
 
     Features may be stored in float16; each batch is cast to float32 on ``training.device``.
     """
@@ -157,11 +183,13 @@ def train_probe(
     bar = tqdm(total=total, desc=f"{kind} probe lr={lr:g}", leave=False, disable=not progress)
     while step < total:
         for batch in _batches(len(features), training.batch_size, generator):
-            x = features[batch].to(device=device, dtype=torch.float32)
+            x = batch_inputs(features, batch, generator).to(device=device, dtype=torch.float32)
             y = labels[batch].to(device)
             loss = loss_fn(probe_logits(head, x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if training.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(head.parameters(), training.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -280,32 +308,27 @@ def select_lr(
     protocol: ProbeProtocol,
     shots: int | None = None,
     bar: Any = None,
+    fit_inputs: ProbeInputs | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Best lr of ``protocol.lrs[kind]`` by top-1 on a held-out split of the training set.
 
     With ``shots`` the sweep trains on a ``shots``-per-class draw from the kept part, as the
-    low-shot runs do. Ties go to the smaller lr. Returns ``(lr, {lr: held-out top1})``.
+    low-shot runs do. Probes fit on ``fit_inputs`` (default ``train_inputs``) and are scored on
+    the held-out rows of ``train_inputs``. Ties go to the smaller lr. Returns
+    ``(lr, {lr: held-out top1})``.
     """
     lrs = list(protocol.lrs[kind])
     keep, held = stratified_split(train.labels, protocol.val_fraction, protocol.seed)
     if shots is not None:
         keep = few_shot_indices(train.labels, shots, protocol.seed, pool=keep)
+    fit = train_inputs if fit_inputs is None else fit_inputs
     training = protocol.training_for(kind)
     scores: dict[str, float] = {}
     for lr in lrs:
-        head = train_probe(
-            kind,
-            train_inputs[keep],
-            train.labels[keep],
-            num_classes,
-            num_heads,
-            lr,
-            training,
-            protocol.seed,
-        )
-        scores[f"{lr:g}"] = evaluate_probe(head, train_inputs[held], train.labels[held], training)[
-            "top1"
-        ]
+        head = train_probe(kind, fit[keep], train.labels[keep], num_classes, num_heads, lr,
+                           training, protocol.seed)
+        held_out = evaluate_probe(head, train_inputs[held], train.labels[held], training)
+        scores[f"{lr:g}"] = held_out["top1"]
         if bar is not None:
             bar.update(1)
     best = max(lrs, key=lambda lr: (scores[f"{lr:g}"], -lr))
@@ -325,72 +348,53 @@ def run_protocol(
     protocol: ProbeProtocol,
     layers: Sequence[int],
     desc: str = "probes",
+    train_views: ProbeViews | None = None,
 ) -> dict[str, dict[str, Any]]:
     """All probes of one trunk: ``{kind: {...}, f"{kind}_{shots}shot": {...}}`` for every kind.
 
     Each entry holds ``top1``, ``top5`` (fractions), the chosen ``lr``, the held-out ``sweep``
     scores and ``layers``; low-shot entries are means over ``shot_seeds`` with ``std`` and
-    ``top1_per_draw``.
+    ``top1_per_draw``. With ``train_views`` (rows aligned with ``train``) every probe fits on
+    those views instead of the cached training features, which still score the held-out rows.
     """
     start = time.perf_counter()
     pooled_train, pooled_test = train.pooled(), test.pooled()
     results: dict[str, dict[str, Any]] = {}
+    if train_views is not None and len(train_views) != len(train.labels):
+        raise ValueError(f"{len(train_views)} training views for {len(train.labels)} cached rows")
     with tqdm(total=count_fits(protocol), desc=desc, unit="fit") as bar:
         for kind in protocol.kinds:
             training = protocol.training_for(kind)
             x_train = _inputs_for(kind, train, pooled_train)
             x_test = _inputs_for(kind, test, pooled_test)
-            lr, sweep = select_lr(kind, train, x_train, num_classes, num_heads, protocol, bar=bar)
-            head = train_probe(
-                kind, x_train, train.labels, num_classes, num_heads, lr, training, protocol.seed
-            )
+            x_fit = x_train if train_views is None else train_views
+            lr, sweep = select_lr(kind, train, x_train, num_classes, num_heads, protocol, bar=bar,
+                                  fit_inputs=x_fit)
+            head = train_probe(kind, x_fit, train.labels, num_classes, num_heads, lr, training,
+                               protocol.seed)
             bar.update(1)
             results[kind] = {
                 **evaluate_probe(head, x_test, test.labels, training),
-                "lr": lr,
-                "sweep": sweep,
-                "layers": list(layers),
-                "n_train": len(train.labels),
-                "n_test": len(test.labels),
+                "lr": lr, "sweep": sweep, "layers": list(layers),
+                "n_train": len(train.labels), "n_test": len(test.labels),
             }
-            shot_lr, shot_sweep = select_lr(
-                kind,
-                train,
-                x_train,
-                num_classes,
-                num_heads,
-                protocol,
-                shots=protocol.shots,
-                bar=bar,
-            )
+            shot_lr, shot_sweep = select_lr(kind, train, x_train, num_classes, num_heads, protocol,
+                                            shots=protocol.shots, bar=bar, fit_inputs=x_fit)
             draws = []
             for draw_seed in protocol.shot_seeds:
                 idx = few_shot_indices(train.labels, protocol.shots, draw_seed)
-                head = train_probe(
-                    kind,
-                    x_train[idx],
-                    train.labels[idx],
-                    num_classes,
-                    num_heads,
-                    shot_lr,
-                    training,
-                    draw_seed,
-                )
+                head = train_probe(kind, x_fit[idx], train.labels[idx], num_classes, num_heads,
+                                   shot_lr, training, draw_seed)
                 draws.append(evaluate_probe(head, x_test, test.labels, training))
                 bar.update(1)
             top1 = torch.tensor([d["top1"] for d in draws])
             top5 = torch.tensor([d["top5"] for d in draws])
             results[f"{kind}_{protocol.shots}shot"] = {
-                "top1": float(top1.mean()),
-                "top5": float(top5.mean()),
-                "std": float(top1.std(unbiased=False)),
-                "top5_std": float(top5.std(unbiased=False)),
+                "top1": float(top1.mean()), "top5": float(top5.mean()),
+                "std": float(top1.std(unbiased=False)), "top5_std": float(top5.std(unbiased=False)),
                 "top1_per_draw": [float(v) for v in top1],
-                "lr": shot_lr,
-                "sweep": shot_sweep,
-                "layers": list(layers),
-                "shots": protocol.shots,
-                "seeds": list(protocol.shot_seeds),
+                "lr": shot_lr, "sweep": shot_sweep, "layers": list(layers),
+                "shots": protocol.shots, "seeds": list(protocol.shot_seeds),
                 "n_test": len(test.labels),
             }
             bar.set_postfix({kind: f"{results[kind]['top1']:.3f}"})

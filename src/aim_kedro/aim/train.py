@@ -37,7 +37,14 @@ from aim_kedro.aim.checkpoint import (
 from aim_kedro.aim.data import ResumableLoader, ShardSource
 from aim_kedro.aim.masks import sample_prefix_len
 from aim_kedro.aim.model import AIM
-from aim_kedro.aim.presets import PRESETS, AIMConfig, get_config
+from aim_kedro.aim.presets import (
+    LR_SCALINGS,
+    PRESETS,
+    RECIPES,
+    AIMConfig,
+    TrainingRecipe,
+    get_config,
+)
 from aim_kedro.aim.validation import val_batches, validation_loss
 from aim_kedro.common.config import from_mapping
 from aim_kedro.common.training import cpu_threads, param_groups, warmup_cosine
@@ -49,8 +56,9 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DISTRIBUTED = ("none", "ddp", "fsdp2")
 POSITIVE = ("batch_size", "grad_accum_steps", "total_steps", "base_batch_size", "log_every",
             "val_batches")
-NON_NEGATIVE = ("warmup_steps", "num_workers", "shuffle_buffer", "checkpoint_every", "keep_every",
-                "val_every", "seed")
+NON_NEGATIVE = ("num_workers", "shuffle_buffer", "checkpoint_every", "keep_every", "val_every",
+                "seed")
+RECIPE_KEYS = ("lr", "lr_scaling", "warmup_start_lr")
 
 
 @dataclass
@@ -58,19 +66,24 @@ class TrainConfig:
     """Every knob of a pre-training run (defaults: conf/base ``pretraining.train``).
 
     ``batch_size`` is the GLOBAL batch per optimizer step (split over ranks and
-    ``grad_accum_steps``); ``lr=None`` means ``base_lr * batch_size / base_batch_size`` (1e-3 at
-    4096, as in the paper)."""
+    ``grad_accum_steps``). The schedule keys left None (``lr``, ``lr_scaling``, ``warmup_steps``
+    with ``warmup_fraction``, ``warmup_start_lr``) take the preset's ``TrainingRecipe``
+    (``presets.RECIPES``): ml-l3m's for the paper presets, the sample's tuned one for the small
+    ones. ``lr_scaling: linear`` runs at ``lr * batch_size / base_batch_size``, ``none`` at
+    ``lr`` whatever the batch."""
 
     preset: str = "aim_sample"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
     grad_accum_steps: int = 1
-    lr: float | None = 2e-3
-    base_lr: float = 1e-3
+    lr: float | None = None
+    lr_scaling: str | None = None
     base_batch_size: int = 4096
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.05
-    warmup_steps: int = 30
+    warmup_steps: int | None = None
+    warmup_fraction: float | None = None
+    warmup_start_lr: float | None = None
     total_steps: int = 450
     grad_clip: float = 1.0
     compile: bool = False
@@ -107,9 +120,27 @@ class TrainConfig:
         """What checkpoints store as the model config: the architecture and the preset name."""
         return {**model_cfg.to_dict(), "preset": self.preset}
 
+    def recipe(self) -> TrainingRecipe:
+        """The schedule of this run: the preset's recipe with the keys set here applied (a
+        warm-up given as steps or as a fraction replaces the preset's either way)."""
+        given = {k: getattr(self, k) for k in RECIPE_KEYS if getattr(self, k) is not None}
+        if self.warmup_steps is not None or self.warmup_fraction is not None:
+            given.update(warmup_steps=self.warmup_steps, warmup_fraction=self.warmup_fraction)
+        return dataclasses.replace(RECIPES[self.preset], **given)
+
     def peak_lr(self) -> float:
-        """The lr after warm-up: absolute ``lr`` or the linearly scaled base lr."""
-        return self.lr if self.lr is not None else self.base_lr * self.batch_size / self.base_batch_size
+        """The lr after warm-up: the recipe's ``lr``, times ``batch_size / base_batch_size``
+        under ``lr_scaling: linear``."""
+        recipe = self.recipe()
+        scale = self.batch_size / self.base_batch_size if recipe.lr_scaling == "linear" else 1.0
+        return recipe.lr * scale
+
+    def warmup(self) -> float:
+        """Warm-up length in steps (fractional when given as ``warmup_fraction`` of the run)."""
+        recipe = self.recipe()
+        if recipe.warmup_steps is not None:
+            return float(recipe.warmup_steps)
+        return float(recipe.warmup_fraction or 0.0) * self.total_steps
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -133,26 +164,20 @@ class TrainConfig:
                 value = getattr(self, name)
                 if isinstance(value, bool) or not isinstance(value, int) or value < low:
                     raise ValueError(f"{name} must be {what}, got {value!r}")
-        if self.warmup_steps >= self.total_steps:
-            raise ValueError(
-                f"warmup_steps ({self.warmup_steps}) must be smaller than total_steps "
-                f"({self.total_steps}); lower warmup_steps or raise total_steps"
-            )
         per_step = world_size * self.grad_accum_steps
         if self.batch_size % per_step:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by num_gpus x grad_accum_steps "
                 f"({per_step}); it is the global batch per optimizer step"
             )
-        for name in ("lr", "base_lr", "weight_decay", "grad_clip"):
+        for name in ("lr", "warmup_fraction", "warmup_start_lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
-            if (value is not None or name != "lr") and (
+            if (value is not None or name in ("weight_decay", "grad_clip")) and (
                 isinstance(value, bool) or not isinstance(value, int | float)
             ):
                 raise ValueError(f"{name} must be a number, got {value!r} (write 1.0e-3, not 1e-3, in YAML)")
         checks = (
-            (self.lr is None or self.lr > 0, f"lr must be > 0 or null (scale base_lr), got {self.lr}"),
-            (self.base_lr > 0, f"base_lr must be > 0, got {self.base_lr}"),
+            (self.lr is None or self.lr > 0, f"lr must be > 0 or null (the preset's), got {self.lr}"),
             (len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
              f"betas must be two numbers in [0, 1), got {list(self.betas)}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
@@ -165,16 +190,41 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._validate_schedule()
         for name, allowed in (("device", DEVICES), ("precision", PRECISIONS),
                               ("distributed", DISTRIBUTED)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         return model_cfg
 
+    def _validate_schedule(self) -> None:
+        """Warm-up given once, shorter than the run; a known lr scaling; a start lr >= 0."""
+        if self.warmup_steps is not None and self.warmup_fraction is not None:
+            raise ValueError("set warmup_steps or warmup_fraction, not both (null takes the preset's)")
+        steps = self.warmup_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"warmup_steps must be an integer >= 0 or null, got {steps!r}")
+        if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1) or null, got {self.warmup_fraction}")
+        if self.lr_scaling is not None and self.lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"lr_scaling must be one of {list(LR_SCALINGS)} or null, got {self.lr_scaling!r}")
+        if self.warmup_start_lr is not None and self.warmup_start_lr < 0:
+            raise ValueError(f"warmup_start_lr must be >= 0 or null, got {self.warmup_start_lr}")
+        if self.warmup() >= self.total_steps:
+            recipe = self.recipe()
+            key = "warmup_fraction" if recipe.warmup_steps is None else "warmup_steps"
+            given = "" if getattr(self, key) is not None else f" of preset {self.preset}"
+            raise ValueError(
+                f"{key} ({getattr(recipe, key):g}{given}) gives a warm-up of {self.warmup():g} "
+                f"steps, not smaller than total_steps ({self.total_steps}); lower {key} or raise "
+                "total_steps"
+            )
+
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0."""
-    return warmup_cosine(step, cfg.total_steps, cfg.warmup_steps, cfg.peak_lr())
+    return warmup_cosine(step, cfg.total_steps, cfg.warmup(), cfg.peak_lr(),
+                         cfg.recipe().warmup_start_lr)
 
 
 def train(
@@ -196,6 +246,12 @@ def _train(cfg: TrainConfig, train_source: ShardSource, val_source: ShardSource 
     ckpt = load_resume(run, cfg.total_steps, model_dict, cfg.to_dict()) if cfg.resume else None
     if ckpt is None and dist.main:
         run.clear()
+    if dist.main:
+        recipe = cfg.recipe()
+        start = "peak/warm-up" if recipe.warmup_start_lr is None else f"{recipe.warmup_start_lr:g}"
+        logger.info("%s: peak lr %.3g (lr %g, scaling %s), warm-up %g of %d steps from %s, then "
+                    "cosine to 0", cfg.preset, cfg.peak_lr(), recipe.lr, recipe.lr_scaling,
+                    cfg.warmup(), cfg.total_steps, start)
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

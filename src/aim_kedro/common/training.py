@@ -37,12 +37,20 @@ def param_groups(
     ]
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float = 1.0) -> float:
+def warmup_cosine(
+    step: int, total_steps: int, warmup_steps: float, peak: float = 1.0, start: float | None = None
+) -> float:
     """Value at optimiser step ``step`` (0-based): linear warm-up to ``peak`` over
-    ``warmup_steps``, then a cosine to 0 at ``total_steps``. ``peak=1`` gives the factor a
-    ``LambdaLR`` multiplies the base lr by."""
+    ``warmup_steps`` (a float for a fraction of a run), then a cosine to 0 at ``total_steps``.
+    ``peak=1`` gives the factor a ``LambdaLR`` multiplies the base lr by.
+
+    The warm-up is ``peak * (step + 1) / warmup_steps`` without ``start``; with it, a line from
+    ``start`` at step 0 that reaches ``peak`` at ``warmup_steps`` (fvcore's LinearParamScheduler,
+    as ml-l3m composes it with the cosine)."""
     if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        if start is None:
+            return peak * (step + 1) / warmup_steps
+        return start + (peak - start) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 

@@ -18,11 +18,16 @@ from sklearn.datasets import load_digits
 from aim_kedro.aim.configs import EvaluationConfig, FeaturesConfig, ProbesConfig
 from aim_kedro.aim.model import AIM
 from aim_kedro.aim.presets import get_config
+from aim_kedro.aim.probe_views import TrunkViews
 from aim_kedro.datasets import ImageFolderDataset
 from aim_kedro.io.shards import ShardSet, write_shards
 from aim_kedro.pipelines.evaluation import create_pipeline
 from aim_kedro.pipelines.evaluation.nodes import (
+    extract_probe_features,
+    extract_random_init_features,
     load_eval_sets,
+    load_trunk,
+    train_probes,
     validate_evaluation_params,
     validate_ml_aim_evaluation_params,
 )
@@ -105,6 +110,10 @@ def test_dataclass_defaults_are_the_shipped_parameters():
         ({"probes": {"val_fraction": 1.5}}, "probes.val_fraction"),
         ({"probes": {"low_shot": {"shot": 5}}}, "evaluation.probes.low_shot parameter"),
         ({"loss_vs_accuracy": {"kind": "knn"}}, "loss_vs_accuracy"),
+        ({"recipe": "augmented"}, "evaluation.recipe"),
+        ({"aim_paper": {"scale": [0.5, 0.1]}}, "aim_paper.scale"),
+        ({"aim_paper": {"epochs": 0}}, "aim_paper.epochs"),
+        ({"aim_paper": {"flip": "yes"}}, "aim_paper.flip"),
         ({"device": "tpu"}, "device"),
     ],
 )
@@ -167,7 +176,9 @@ def test_pipeline_nodes_and_the_published_checkpoint_variant():
     # each node takes only the typed blocks it uses, and every block handed on is used
     by_name = {n.name: set(n.inputs) for n in full.nodes}
     assert by_name["train_probes"] == {"probe_features", "random_init_features",
-                                       "eval_probes_config", "eval_device"}
+                                       "eval_probes_config", "eval_device", "eval_recipe_config",
+                                       "eval_aim_paper_config", "eval_trunk", "eval_sets",
+                                       "eval_random_init_config"}
     assert by_name["load_trunk"] == {"aim_checkpoint"}
     for pipe in (full, published):
         handed_on = {o for n in pipe.nodes if n.name == "validate_evaluation_params"
@@ -308,3 +319,47 @@ def test_evaluation_pipeline_end_to_end_on_a_tiny_run(tmp_path):
     )
     assert isinstance(catalog["probe_results_plot"].load(), Figure)
     assert isinstance(catalog["loss_vs_accuracy_plot"].load(), Figure)
+
+
+def test_paper_recipe_probes_on_views_through_both_trunks_and_reports_the_same_metrics(
+    tmp_path, monkeypatch
+):
+    drawn_by = []
+    draw = TrunkViews.views
+
+    def counted(self, generator):
+        drawn_by.append(self.frozen.source)
+        return draw(self, generator)
+
+    monkeypatch.setattr(TrunkViews, "views", counted)
+    cfg = get_config("aim_tiny")
+    probe_train, probe_test = _probe_shards(tmp_path, per_class_train=4, per_class_test=2,
+                                            size=24)
+    torch.manual_seed(0)
+    checkpoint = {"config": {**cfg.to_dict(), "preset": "aim_tiny"},
+                  "state_dict": AIM(cfg).state_dict(), "metadata": {"step": 1}}
+    fast = {**FAST_PROBES, "kinds": ["attentive"], "min_steps": 2, "low_shot": {"shots": 1, "seeds": [0]}}
+    metrics = {}
+    for recipe in ("cached", "aim_paper"):
+        blocks = validate_evaluation_params(params(
+            device="cpu", recipe=recipe, probes=fast, aim_paper={"epochs": 1},
+            features={"batch_size": 64}))
+        assert blocks["features"].crop_pct == (0.875 if recipe == "aim_paper" else 1.0)
+        sets = load_eval_sets(probe_train, probe_test, blocks["dataset"])
+        trunk = load_trunk(checkpoint)
+        features = extract_probe_features(trunk, sets, blocks["features"], "cpu")
+        random_features = extract_random_init_features(trunk, sets, blocks["features"],
+                                                       blocks["random_init"], "cpu")
+        metrics[recipe] = train_probes(features, random_features, blocks["probes"], "cpu",
+                                       blocks["recipe"], blocks["aim_paper"], trunk, sets,
+                                       blocks["random_init"])
+        if recipe == "cached":
+            assert drawn_by == []
+    assert {source.split("(")[0] for source in drawn_by} == {"aim_checkpoint", "random_init"}
+    for trunk_name in ("pretrained", "random_init"):
+        cached, paper = metrics["cached"][trunk_name], metrics["aim_paper"][trunk_name]
+        assert set(paper) == set(cached) and paper["recipe"] == "aim_paper"
+        for probe in ("attentive", "attentive_1shot"):
+            assert set(paper[probe]) == set(cached[probe])
+            assert 0.0 <= paper[probe]["top1"] <= paper[probe]["top5"] <= 1.0
+    assert set(metrics["aim_paper"]["pretraining_gain"]) == set(metrics["cached"]["pretraining_gain"])

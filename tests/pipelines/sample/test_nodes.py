@@ -135,9 +135,16 @@ def test_split_is_deterministic() -> None:
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"image_size": 32}, "image_size"), ({"probe_test_fraction": 0.9}, "probe_test_fraction"),
+    [({"image_size": 32}, "image_size"), ({"image_size": 512}, r"\[64, 256\]"),
+     ({"probe_test_fraction": 0.9}, "probe_test_fraction"),
      ({"counts": {"clean_digits": 1}}, "counts")],
 )
 def test_bad_parameters_fail_before_work(change, message) -> None:
     with pytest.raises(ValueError, match=message):
         validate_sample_params({**PARAMS, **change})
+
+
+def test_the_highres_size_is_accepted_and_renders_at_224() -> None:
+    params = validate_sample_params({**PARAMS, "image_size": 224})
+    train, _ = build_probe_sets({**params, "probe_test_fraction": 0.4})
+    assert Image.open(io.BytesIO(train[0]["png"])).size == (224, 224)

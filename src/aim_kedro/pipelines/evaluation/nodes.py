@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from aim_kedro.aim import studies
 from aim_kedro.aim.configs import (
+    AimPaperConfig,
     DatasetConfig,
     EvaluationConfig,
     FeaturesConfig,
@@ -32,20 +33,21 @@ from aim_kedro.aim.features import (
 )
 from aim_kedro.aim.interop import from_ml_aim
 from aim_kedro.aim.presets import config_from_checkpoint
+from aim_kedro.aim.probe_views import TrunkViews
 from aim_kedro.aim.probes import FeatureSplit, run_protocol
 from aim_kedro.common.training import cpu_threads
 from aim_kedro.io.shards import ShardSet
 
 logger = logging.getLogger(__name__)
 
-PROBE_BLOCKS = ("device", "dataset", "features", "random_init", "probes")
+PROBE_BLOCKS = ("device", "recipe", "dataset", "features", "random_init", "probes", "aim_paper")
 STUDY_BLOCKS = (*PROBE_BLOCKS, "loss_vs_accuracy")
 ML_AIM_BLOCKS = (*PROBE_BLOCKS, "trunk")
 
 
 def _blocks(cfg: EvaluationConfig, names: tuple[str, ...]) -> dict[str, Any]:
-    logger.info("evaluation: layers %s, probes %s on %s", cfg.features.layers,
-                list(cfg.probes.kinds), cfg.device)
+    logger.info("evaluation: layers %s, probes %s (%s recipe) on %s", cfg.features.layers,
+                list(cfg.probes.kinds), cfg.recipe, cfg.device)
     return {name: getattr(cfg, name) for name in names}
 
 
@@ -134,21 +136,47 @@ def extract_random_init_features(
                     device)
 
 
+def _train_views(
+    recipe: str, aim_paper: AimPaperConfig, frozen: FrozenTrunk, eval_sets: dict[str, LabelledSet],
+    features: dict[str, Any], device: str,
+) -> TrunkViews | None:
+    """Under ``recipe: aim_paper``, the training images' augmented views through ``frozen``
+    (rows aligned with the cached training features); None under the cached recipe."""
+    if recipe != "aim_paper":
+        return None
+    views = TrunkViews.from_labelled(eval_sets["train"], frozen, features["layers"],
+                                     aim_paper.augmentation(), device)
+    if not torch.equal(views.row_labels(), features["train"]["labels"].long()):
+        raise ValueError(f"{frozen.source}: the training images do not match the cached training "
+                         "features (re-run extract_probe_features on the same probe_train)")
+    return views
+
+
 def train_probes(
     probe_features: dict[str, Any], random_init_features: dict[str, Any], probes: ProbesConfig,
-    device: str,
+    device: str, recipe: str, aim_paper: AimPaperConfig, eval_trunk: FrozenTrunk,
+    eval_sets: dict[str, LabelledSet], random_init: RandomInitConfig,
 ) -> dict[str, Any]:
-    """Attentive and linear probes (all labels and low-shot) on both trunks: ``probe_metrics``."""
-    protocol = probes.protocol(device)
+    """Attentive and linear probes (all labels and low-shot) on both trunks: ``probe_metrics``.
+
+    ``recipe: cached`` fits them on the cached features; ``aim_paper`` on augmented views of the
+    training images through each frozen trunk (the random-init one rebuilt from its seed), with
+    the cached features scoring the held-out and test images. Both report the same metrics.
+    """
+    paper = recipe == "aim_paper"
+    protocol = aim_paper.protocol(probes, device) if paper else probes.protocol(device)
+    trunks = {"pretrained": eval_trunk,
+              "random_init": random_trunk(eval_trunk.cfg, int(random_init.seed)) if paper else None}
     metrics: dict[str, Any] = {}
     for name, features in (("pretrained", probe_features), ("random_init", random_init_features)):
         train = FeatureSplit(features["train"]["tokens"], features["train"]["labels"])
         test = FeatureSplit(features["test"]["tokens"], features["test"]["labels"])
         with cpu_threads(probes.cpu_threads):
+            views = _train_views(recipe, aim_paper, trunks[name], eval_sets, features, device)
             metrics[name] = run_protocol(train, test, int(features["num_classes"]),
                                          int(features["num_heads"]), protocol, features["layers"],
-                                         desc=f"{name} probes")
-        metrics[name]["trunk"] = features["trunk"]
+                                         desc=f"{name} probes", train_views=views)
+        metrics[name].update(trunk=features["trunk"], recipe=recipe)
     shot_key = f"attentive_{protocol.shots}shot"
     if "attentive" in protocol.kinds:
         pre, rand = metrics["pretrained"], metrics["random_init"]

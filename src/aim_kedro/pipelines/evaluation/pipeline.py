@@ -78,7 +78,9 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 train_probes,
-                inputs=["probe_features", "random_init_features", config_name("probes"), device],
+                inputs=["probe_features", "random_init_features", config_name("probes"), device,
+                        config_name("recipe"), config_name("aim_paper"), "eval_trunk", "eval_sets",
+                        config_name("random_init")],
                 outputs="probe_metrics",
                 name="train_probes",
             ),

@@ -41,6 +41,7 @@ KINDS = ("clean", "wrong_caption", "exact_duplicate", "near_duplicate", "face", 
 CORRUPT_VARIANTS = ("truncated_jpeg", "zero_byte", "not_image", "no_caption")
 NEAR_VARIANTS = ("resized", "cropped", "jpeg", "color_shift")
 LEAK_VARIANTS = ("exact", "reencoded", "resized")
+IMAGE_SIZES = (64, 256)  # below 64 px faces are missed; 224 px is the highres environment's
 COUNT_KEYS = (
     "clean_digits",
     "clean_photos",
@@ -61,8 +62,10 @@ def validate_sample_params(params: dict[str, Any]) -> dict[str, Any]:
     check_keys(params.get("counts") or {}, COUNT_KEYS, "sample.counts")
     check_keys(params.get("trusted") or {}, TRUSTED_KEYS, "sample.trusted")
     size = params.get("image_size")
-    if not isinstance(size, int) or not 64 <= size <= 128:
-        raise ValueError(f"sample.image_size must be an int in [64, 128] (faces must stay detectable), got {size!r}")
+    low, high = IMAGE_SIZES
+    if isinstance(size, bool) or not isinstance(size, int) or not low <= size <= high:
+        raise ValueError(f"sample.image_size must be an int in [{low}, {high}] (faces must stay "
+                         f"detectable; 224 for conf/highres), got {size!r}")
     fraction = params.get("probe_test_fraction")
     if not isinstance(fraction, float) or not 0.0 < fraction < 0.5:
         raise ValueError(f"sample.probe_test_fraction must be a float in (0, 0.5), got {fraction!r}")
