@@ -20,10 +20,10 @@ from aim_kedro.curation.config import (
     check_scoring_model,
     validate_curation_params,
 )
+from aim_kedro.curation.face_stage import FacePolicy
 from aim_kedro.curation.faces import HaarCascadeDetector, UnionDetector
 from aim_kedro.curation.faces_dlib import DlibCnnDetector
 from aim_kedro.curation.nsfw import NudeNetClassifier
-from aim_kedro.curation.subset import FacePolicy
 
 BASE = yaml.safe_load((PROJECT / "conf/base/parameters_curation.yml").read_text())["curation"]
 

@@ -12,17 +12,11 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from aim_kedro.curation.face_stage import FacePolicy, detect_faces, drop_unchecked
 from aim_kedro.curation.faces import make_detector
 from aim_kedro.curation.index import IndexConfig, build_index
 from aim_kedro.curation.manifest import dfn_manifest
-from aim_kedro.curation.subset import (
-    FacePolicy,
-    SubsetConfig,
-    check_subset,
-    detect_faces,
-    drop_unchecked,
-    iter_subset,
-)
+from aim_kedro.curation.subset import SubsetConfig, check_subset, iter_subset
 from aim_kedro.io.shards import ShardSet, write_shards
 
 CROP = (120, 0, 330, 210)  # around the astronaut's face

@@ -10,16 +10,11 @@ import pytest
 from conftest import noise_png
 from PIL import Image
 
+from aim_kedro.curation.face_stage import FACE_SCHEMA, detect_faces
 from aim_kedro.curation.faces import make_detector
 from aim_kedro.curation.index import IndexConfig, build_index
 from aim_kedro.curation.manifest import dfn_manifest
-from aim_kedro.curation.subset import (
-    FACE_SCHEMA,
-    SubsetConfig,
-    check_subset,
-    detect_faces,
-    iter_subset,
-)
+from aim_kedro.curation.subset import SubsetConfig, check_subset, iter_subset
 from aim_kedro.io.shards import ShardSet, write_shards
 
 CFG = SubsetConfig(shorter_side=24, image_format="png")

@@ -24,13 +24,14 @@ from aim_kedro.curation.clip_models import (
 )
 from aim_kedro.curation.dedup import DedupConfig
 from aim_kedro.curation.executors import ExecutorConfig
+from aim_kedro.curation.face_stage import FacePolicy
 from aim_kedro.curation.faces import FaceDetector, make_detector
 from aim_kedro.curation.filter_network import FilterNetworkConfig
 from aim_kedro.curation.filters import FilterConfig
 from aim_kedro.curation.index import IndexConfig
 from aim_kedro.curation.nsfw import NsfwClassifierConfig
 from aim_kedro.curation.scoring import ClipScorer, NsfwConfig
-from aim_kedro.curation.subset import FacePolicy, SubsetConfig
+from aim_kedro.curation.subset import SubsetConfig
 
 SCORING_MODELS = ("filter_network", "open_clip", "precomputed")
 

@@ -22,7 +22,7 @@ import polars as pl
 import torch
 from PIL import Image
 
-from aim_kedro.curation.copydetect import Describer, DescriptorConfig, to_tensor
+from aim_kedro.curation.copydetect import Describer, DescriptorConfig, load_describer, to_tensor
 from aim_kedro.curation.executors import Executor, LocalExecutor, ModelStage, ShardTask, shard_tasks
 from aim_kedro.curation.index import IndexConfig, decode_selected, decode_task
 from aim_kedro.curation.verify import ImageLoader
@@ -147,12 +147,35 @@ def aligned_descriptors(uids: pl.Series, table: pl.DataFrame) -> np.ndarray:
     return out
 
 
+def describe_pool_stage(
+    shards: ShardSet, pool_index: pl.DataFrame, descriptor: DescriptorConfig,
+    copy_detector: dict[str, Any] | None, index_cfg: IndexConfig, executor: Executor | None,
+    enabled: bool = True, progress: bool = True,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Copy descriptors (uid, descriptor) of every decodable pool sample with ``descriptor``'s
+    pretrained model or the trained ``copy_detector`` (empty when not ``enabled``), and a
+    summary that carries the detector's training metadata."""
+    training = dict((copy_detector or {}).get("metadata") or {})
+    if not enabled:
+        table = pl.DataFrame(schema={"uid": pl.String(), "descriptor": pl.Array(pl.Float16(), 1)})
+        return table, {"described": 0, "skipped": True, "copy_detector": training, "seconds": 0.0}
+    make = functools.partial(load_describer, descriptor, copy_detector)
+    size = int(descriptor.image_size if descriptor.path else copy_detector["config"]["image_size"])
+    table, summary = describe_index(
+        make, shards, describable(pool_index), index_cfg, size, descriptor.batch_size_inference,
+        executor, want_gpu=descriptor.device != "cpu", progress=progress,
+    )
+    summary["copy_detector"] = training
+    return table, summary
+
+
 __all__ = [
     "DESCRIPTOR_COLUMNS",
     "aligned_descriptors",
     "describable",
     "describe_batches",
     "describe_index",
+    "describe_pool_stage",
     "describe_records",
     "descriptor_table",
     "pool_loader",

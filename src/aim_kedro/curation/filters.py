@@ -204,6 +204,12 @@ def select_by_score(scores: np.ndarray, cfg: FilterConfig) -> tuple[np.ndarray, 
     return keep, float(scores[order[k - 1]])
 
 
+def filter_summary(pool_index: pl.DataFrame, decisions: pl.DataFrame) -> dict[str, Any]:
+    """How many samples the filters checked (those the index accepted) and rejected per reason."""
+    counts = dict(decisions.group_by("reject_reason").len().drop_nulls().iter_rows())
+    return {"checked": int(pool_index["reject_reason"].is_null().sum()), **counts}
+
+
 __all__ = [
     "BASIC_FILTER",
     "DECISION_SCHEMA",
@@ -213,5 +219,6 @@ __all__ = [
     "basic_filter_detail",
     "caption_words",
     "filter_decisions",
+    "filter_summary",
     "select_by_score",
 ]

@@ -217,10 +217,38 @@ def precomputed_scores(index: pl.DataFrame, column: str) -> tuple[pl.DataFrame, 
     })
 
 
+def _counted(summary: dict[str, Any], scores: pl.DataFrame, embed_dim: int) -> dict[str, Any]:
+    summary.update(scored=scores.height, embed_dim=embed_dim,
+                   nan_scores=int(scores["clip_score"].is_nan().sum()))
+    return summary
+
+
+def precomputed_stage(
+    index: pl.DataFrame, column: str
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+    """``precomputed_scores`` and their summary (scored, embed_dim 0, nan_scores)."""
+    scores, embeddings = precomputed_scores(index, column)
+    return scores, embeddings, _counted({"model": f"precomputed:{column}"}, scores, 0)
+
+
+def score_pool_stage(
+    make_scorer: Callable[[], ClipScorer], shards: ShardSet, pool_index: pl.DataFrame,
+    index_cfg: IndexConfig, batch_size: int, nsfw: NsfwConfig | None, **options: Any,
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
+    """``score_index`` over the rows no earlier stage rejected (``options`` are its keywords),
+    as ``clip_scores``, ``clip_embeddings`` and a summary (scored, embed_dim, nan_scores)."""
+    rows = pool_index.filter(pl.col("reject_reason").is_null())
+    result, summary = score_index(make_scorer, shards, rows, index_cfg, batch_size, nsfw, **options)
+    scores, embeddings = score_tables(result)
+    return scores, embeddings, _counted(summary, scores, int(result["image_emb"].shape[1]))
+
+
 __all__ = [
     "decode_batches",
     "precomputed_scores",
+    "precomputed_stage",
     "score_index",
+    "score_pool_stage",
     "score_records",
     "score_tables",
     "scorer_fingerprint",

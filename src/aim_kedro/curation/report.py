@@ -6,6 +6,7 @@ and, when there is one, the truth table of the embedded sample. The figures are 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ import polars as pl
 from sklearn.metrics import roc_auc_score
 
 from aim_kedro.curation.reasons import NSFW, STAGES
+
+logger = logging.getLogger(__name__)
 
 
 def funnel(manifest: pl.DataFrame) -> dict[str, Any]:
@@ -328,6 +331,11 @@ def build_report(
     }
     if truth is not None and truth.height:
         report["truth"] = truth_metrics(manifest, truth, faces, face_iou=face_iou)
+    found = report["truth"] or {}
+    logger.info("report_curation: %d input, %d kept; wrong-caption AUC %s, near-dup recall %s",
+                flow["input"], flow["kept"],
+                (found.get("wrong_caption") or {}).get("roc_auc_clip_score_vs_clean"),
+                (found.get("near_duplicate") or {}).get("detection_recall"))
     return report
 
 

@@ -321,3 +321,11 @@ def image_bytes(sample: Sample) -> tuple[str, bytes] | None:
         if ext in sample:
             return ext, bytes(sample[ext])
     return None
+
+
+def image_text_pairs(samples: Iterable[Sample]) -> Iterator[tuple[bytes, str]]:
+    """The (image bytes, caption) of every readable sample with an image, in order; a missing
+    caption is the empty string."""
+    for sample in samples:
+        if ERROR_KEY not in sample and (found := image_bytes(sample)) is not None:
+            yield found[1], sample_text(sample) or ""

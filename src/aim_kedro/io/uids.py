@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from aim_kedro.io.shards import SHARD_KEY, Sample, sample_json
 from aim_kedro.io.sources import fetch_optional
+
+logger = logging.getLogger(__name__)
 
 DATACOMP_UID_DTYPE = np.dtype("u8,u8")
 """DataComp's subset files: a sorted array of (upper, lower) 64-bit halves of each 128-bit uid."""
@@ -71,6 +74,18 @@ def to_datacomp(uids: Iterable[str]) -> np.ndarray:
     resharder reads (``np.save`` it as ``.npy``); non-hex uids as ``uid_halves`` says."""
     pairs = sorted({uid_halves(str(u)) for u in uids})
     return np.array(pairs, dtype=DATACOMP_UID_DTYPE) if pairs else np.zeros(0, DATACOMP_UID_DTYPE)
+
+
+def export_uids(uids: Sequence[str]) -> np.ndarray:
+    """``to_datacomp`` of ``uids``, warning when some are not 128-bit hex: those are stored as
+    their sha256's first 128 bits, which only this project's uid_list matches, not DataComp's
+    resharder."""
+    other = [uid for uid in uids if not is_hex_uid(uid)]
+    if other:
+        logger.warning("export_dfn_uids: %d kept uids are not 128-bit hex (e.g. %r): stored as "
+                       "their sha256's first 128 bits, which only this project's uid_list "
+                       "matches, not DataComp's resharder", len(other), other[0])
+    return to_datacomp(uids)
 
 
 def from_datacomp(array: np.ndarray) -> list[str]:
@@ -135,6 +150,7 @@ __all__ = [
     "UidList",
     "declared_uid",
     "default_uid",
+    "export_uids",
     "from_datacomp",
     "is_hex_uid",
     "sample_uid",

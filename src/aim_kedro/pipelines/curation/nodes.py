@@ -2,14 +2,11 @@
 
 Each node takes the parameter blocks it uses (``params:curation.dedup``, ...) and builds their
 typed configs (cheap); the run hook checks the whole ``params:curation`` tree once, before the
-first node, with ``validate_curation_params``. The per-shard stages run on the executor that
-``curation.executor`` names (``curation.executors.make_executor``); the decision order and the
-score cut are those of ``curation.manifest``.
+first node, with ``validate_curation_params``. Per-shard stages run on ``curation.executor``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -28,42 +25,24 @@ from aim_kedro.curation.config import (
     check_scoring_model,
     validate_curation_params,
 )
-from aim_kedro.curation.copydetect import load_describer, train_copy_detector
-from aim_kedro.curation.dedup import (
-    DedupConfig,
-    dedup_pool,
-    deduplicate,
-    pool_embeddings,
-)
-from aim_kedro.curation.describe import (
-    aligned_descriptors,
-    describable,
-    describe_index,
-    pool_loader,
-    training_images,
-)
-from aim_kedro.curation.eval_leaks import eval_index, eval_loader
+from aim_kedro.curation.copydetect import train_copy_detector
+from aim_kedro.curation.dedup import DedupConfig
+from aim_kedro.curation.dedup_stage import dedup_stage
+from aim_kedro.curation.describe import describe_pool_stage, training_images
 from aim_kedro.curation.executors import ExecutorConfig, make_executor
-from aim_kedro.curation.faces import SIDECAR_COLUMN
+from aim_kedro.curation.face_stage import detect_faces, drop_unchecked, kept_face_rows
 from aim_kedro.curation.filter_network import FilterNetworkConfig, train_filter_network
-from aim_kedro.curation.filters import FilterConfig, filter_decisions
+from aim_kedro.curation.filters import FilterConfig, filter_decisions, filter_summary
 from aim_kedro.curation.index import IndexConfig, build_index
 from aim_kedro.curation.manifest import build_manifest, dfn_manifest, subset_rows
 from aim_kedro.curation.nsfw import NsfwClassifierConfig, score_nsfw
 from aim_kedro.curation.plots import curation_figures
-from aim_kedro.curation.pool_scoring import precomputed_scores, score_index, score_tables
+from aim_kedro.curation.pool_scoring import precomputed_stage, score_pool_stage
 from aim_kedro.curation.report import build_report
 from aim_kedro.curation.resume import ShardResultCache
-from aim_kedro.curation.subset import (
-    SubsetConfig,
-    check_subset,
-    detect_faces,
-    drop_unchecked,
-    iter_subset,
-    resize_note,
-)
-from aim_kedro.io.shards import ERROR_KEY, Sample, ShardSet, image_bytes, sample_text
-from aim_kedro.io.uids import is_hex_uid, to_datacomp
+from aim_kedro.curation.subset import SubsetConfig, check_subset, subset_stream
+from aim_kedro.io.shards import Sample, ShardSet, image_text_pairs
+from aim_kedro.io.uids import export_uids
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +55,29 @@ def _done(node: str, start: float, message: str, *args: Any) -> float:
     return round(seconds, 3)
 
 
+def _timed(node: str, start: float, summary: dict, message: str, *keys: str) -> dict:
+    """``summary`` with its node's seconds, logged with the values of ``keys``."""
+    summary["seconds"] = _done(node, start, message, *(summary[key] for key in keys))
+    return summary
+
+
 def _executor(executor: Params | None, progress: bool) -> Any:
     return make_executor(block(ExecutorConfig, executor), check_progress(progress))
+
+
+def _skipped(node: str, because: str, **why: Any) -> dict[str, Any]:
+    """The empty checkpoint of a training node that did not train, saying why (and logging it)."""
+    logger.info("%s: skipped, %s", node, because)
+    return {"config": {"skipped": True, **why}, "state_dict": {},
+            "metadata": {"skipped": True, "seconds": 0.0}}
+
+
+def _trained(node: str, start: float, checkpoint: dict, what: str) -> dict[str, Any]:
+    """Log what a training node trained on (``what``: the metadata's count key) and how."""
+    meta, nan = checkpoint["metadata"], float("nan")
+    _done(node, start, f"%d {what}, %d steps, loss %.3f -> %.3f", meta.get(what, 0),
+          meta.get("steps", 0), meta.get("initial_loss", nan), meta.get("final_loss", nan))
+    return checkpoint
 
 
 def build_pool_index(
@@ -85,77 +85,47 @@ def build_pool_index(
 ) -> tuple[pl.DataFrame, dict]:
     """Decode every pool sample safely and index it (sizes, hashes, caption, reject reason)."""
     start = time.perf_counter()
-    table, summary = build_index(raw_pool, block(IndexConfig, index),
-                                 _executor(executor, progress))
-    summary["seconds"] = _done("build_pool_index", start, "%d samples in %d shards, %d valid, "
-                               "rejected %s", table.height, summary["shards"], summary["valid"],
-                               summary["rejected"])
-    return table, summary
+    table, summary = build_index(raw_pool, block(IndexConfig, index), _executor(executor, progress))
+    return table, _timed("build_pool_index", start, summary, "%d samples in %d shards, %d valid, "
+                         "rejected %s", "samples", "shards", "valid", "rejected")
 
 
 def train_filter_network_node(
     trusted_pairs: ShardSet, filter_network: Params, scoring: Params
 ) -> dict[str, Any]:
-    """Train the DFN filtering network on the trusted pairs (skipped when an open_clip model
-    scores the pool: the checkpoint then records why it is empty)."""
+    """Train the DFN filtering network on the trusted pairs (unless another model scores)."""
     cfg = block(FilterNetworkConfig, filter_network)
     model = block(ScoringConfig, scoring).model
     start = time.perf_counter()
     if model != "filter_network":
-        logger.info("train_filter_network: skipped, curation.scoring.model is %s", model)
-        return {"config": {"skipped": True, "scoring_model": model}, "state_dict": {},
-                "metadata": {"skipped": True, "seconds": 0.0}}
-    pairs = (
-        (found[1], sample_text(sample) or "")
-        for sample in trusted_pairs
-        if ERROR_KEY not in sample and (found := image_bytes(sample)) is not None
-    )
-    checkpoint = train_filter_network(pairs, cfg)
-    meta = checkpoint["metadata"]
-    _done("train_filter_network", start, "%d pairs, %d steps, loss %.3f -> %.3f",
-          meta.get("pairs", 0), meta.get("steps", 0), meta.get("initial_loss", float("nan")),
-          meta.get("final_loss", float("nan")))
-    return checkpoint
+        return _skipped("train_filter_network", f"curation.scoring.model is {model}",
+                        scoring_model=model)
+    checkpoint = train_filter_network(image_text_pairs(trusted_pairs), cfg)
+    return _trained("train_filter_network", start, checkpoint, "pairs")
 
 
 def score_pool(
-    raw_pool: ShardSet,
-    pool_index: pl.DataFrame,
-    filter_network: dict[str, Any],
-    clip_score_cache: ShardResultCache,
-    scoring: Params,
-    nsfw_threshold: float | None,
-    index: Params,
-    executor: Params,
-    progress: bool,
+    raw_pool: ShardSet, pool_index: pl.DataFrame, filter_network: dict[str, Any],
+    clip_score_cache: ShardResultCache, scoring: Params, nsfw_threshold: float | None,
+    index: Params, executor: Params, progress: bool,
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, Any]]:
-    """CLIP score, NSFW score and float16 embeddings of every decodable, captioned sample,
-    shard by shard; each finished shard goes to ``clip_score_cache`` (when the model scores in
-    this process), so a killed run resumes from the finished shards. Returns clip_scores,
-    clip_embeddings and a summary."""
+    """CLIP and NSFW scores and embeddings of every sample; resumes from ``clip_score_cache``."""
     s = block(ScoringConfig, scoring)
     run_on = block(ExecutorConfig, executor)
     start = time.perf_counter()
     if s.model == "precomputed":
-        scores, embeddings = precomputed_scores(pool_index, str(s.score_column))
-        summary = {"model": f"precomputed:{s.score_column}", "scored": scores.height,
-                   "embed_dim": 0, "nan_scores": int(scores["clip_score"].is_nan().sum())}
-        summary["seconds"] = _done("score_pool", start, "%d precomputed scores from %s",
-                                   scores.height, s.score_column)
-        return scores, embeddings, summary
-    result, summary = score_index(
-        s.loader(filter_network), raw_pool, pool_index.filter(pl.col("reject_reason").is_null()),
-        block(IndexConfig, index), run_on.scoring_batch_size or s.batch_size,
-        s.nsfw(nsfw_threshold), cache=clip_score_cache,
+        scores, embeddings, summary = precomputed_stage(pool_index, str(s.score_column))
+        return scores, embeddings, _timed("score_pool", start, summary,
+                                          "%d scores from %s", "scored", "model")
+    scores, embeddings, summary = score_pool_stage(
+        s.loader(filter_network), raw_pool, pool_index, block(IndexConfig, index),
+        run_on.scoring_batch_size or s.batch_size, s.nsfw(nsfw_threshold), cache=clip_score_cache,
         executor=make_executor(run_on, check_progress(progress)), want_gpu=s.device != "cpu",
         progress=progress, decode_min_side=s.decode_min_side,
     )
-    scores, embeddings = score_tables(result)
-    summary.update(scored=scores.height, embed_dim=int(result["image_emb"].shape[1]),
-                   nan_scores=int(scores["clip_score"].is_nan().sum()))
-    summary["seconds"] = _done("score_pool", start, "%d samples scored with %s on %s",
-                               scores.height, summary["model"], summary["executor"])
-    return scores, embeddings, summary
+    return scores, embeddings, _timed("score_pool", start, summary,
+                                      "%d samples scored with %s on %s", "scored", "model",
+                                      "executor")
 
 
 def score_nsfw_node(
@@ -169,149 +139,88 @@ def score_nsfw_node(
         "uid", "shard", "key", "position")
     table, summary = score_nsfw(classifier, raw_pool, rows, block(IndexConfig, index),
                                 _executor(executor, progress))
-    summary["seconds"] = _done("score_nsfw", start, "%d samples scored by %s",
-                               summary["scored"], summary["classifier"])
-    return table, summary
+    return table, _timed("score_nsfw", start, summary, "%d samples scored by %s", "scored",
+                         "classifier")
 
 
 def apply_filters(
     pool_index: pl.DataFrame, clip_scores: pl.DataFrame, nsfw_scores: pl.DataFrame,
     filters: Params,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """DataComp basic filters and the NSFW cuts (zero-shot CLIP score, classifier score) for
-    every sample the index accepted."""
+    """DataComp basic filters and the NSFW cuts for every sample the index accepted."""
     start = time.perf_counter()
-    decisions = filter_decisions(pool_index, clip_scores, block(FilterConfig, filters),
-                                 nsfw_scores)
-    counts = dict(decisions.group_by("reject_reason").len().drop_nulls().iter_rows())
-    summary: dict[str, Any] = {"checked": int(pool_index["reject_reason"].is_null().sum()), **counts}
-    summary["seconds"] = _done("apply_filters", start, "rejected %s", counts)
+    decisions = filter_decisions(pool_index, clip_scores, block(FilterConfig, filters), nsfw_scores)
+    summary = filter_summary(pool_index, decisions)
+    summary["seconds"] = _done("apply_filters", start, "rejected %s",
+                               {k: v for k, v in summary.items() if k != "checked"})
     return decisions, summary
 
 
 def train_copy_detector_node(
     raw_pool: ShardSet, pool_index: pl.DataFrame, dedup: Params, index: Params, progress: bool
 ) -> dict[str, Any]:
-    """Train the SSCD-style copy detector on the pool's own decodable images (skipped when
-    copy detection is off or ``curation.dedup.descriptor.path`` names a pretrained one: the
-    checkpoint then records why it is empty)."""
+    """Train the SSCD-style copy detector on the pool's decodable images (unless not needed)."""
     cfg = block(DedupConfig, dedup)
     start = time.perf_counter()
     if not cfg.describes or not cfg.descriptor.trains:
         why = "copy detection is off" if not cfg.describes else f"uses {cfg.descriptor.path}"
-        logger.info("train_copy_detector: skipped, curation.dedup %s", why)
-        return {"config": {"skipped": True, "reason": why}, "state_dict": {},
-                "metadata": {"skipped": True, "seconds": 0.0}}
+        return _skipped("train_copy_detector", f"curation.dedup {why}", reason=why)
     images = training_images(raw_pool, pool_index, cfg.descriptor, block(IndexConfig, index))
     checkpoint = train_copy_detector(images, cfg.descriptor, check_progress(progress))
-    meta = checkpoint["metadata"]
-    _done("train_copy_detector", start, "%d images, %d steps, loss %.3f -> %.3f",
-          meta["images"], meta["steps"], meta["initial_loss"], meta["final_loss"])
-    return checkpoint
+    return _trained("train_copy_detector", start, checkpoint, "images")
 
 
 def describe_pool(
     raw_pool: ShardSet, pool_index: pl.DataFrame, copy_detector: dict[str, Any], dedup: Params,
     index: Params, executor: Params, progress: bool,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Copy descriptors (uid, descriptor) of every decodable pool sample, shard by shard on the
-    executor (empty when copy detection is off), and a summary with the detector's training."""
+    """Copy descriptors of every decodable pool sample (empty when copy detection is off)."""
     cfg = block(DedupConfig, dedup)
     start = time.perf_counter()
-    training = dict((copy_detector or {}).get("metadata") or {})
-    if not cfg.describes:
-        table = pl.DataFrame(schema={"uid": pl.String(), "descriptor": pl.Array(pl.Float16(), 1)})
-        return table, {"described": 0, "skipped": True, "copy_detector": training, "seconds": 0.0}
-    make = functools.partial(load_describer, cfg.descriptor, copy_detector)
-    size = int(cfg.descriptor.image_size if cfg.descriptor.path else copy_detector["config"]["image_size"])
-    table, summary = describe_index(
-        make, raw_pool, describable(pool_index), block(IndexConfig, index), size,
-        cfg.descriptor.batch_size_inference, _executor(executor, progress),
-        want_gpu=cfg.descriptor.device != "cpu", progress=check_progress(progress),
+    table, summary = describe_pool_stage(
+        raw_pool, pool_index, cfg.descriptor, copy_detector, block(IndexConfig, index),
+        _executor(executor, progress), enabled=cfg.describes, progress=check_progress(progress),
     )
-    summary["copy_detector"] = training
-    summary["seconds"] = _done("describe_pool", start, "%d descriptors (dim %d)",
-                               summary["described"], summary["dim"])
+    if cfg.describes:
+        _timed("describe_pool", start, summary, "%d descriptors (dim %d)", "described", "dim")
     return table, summary
 
 
 def deduplicate_pool(
-    pool_index: pl.DataFrame,
-    clip_scores: pl.DataFrame,
-    clip_embeddings: pl.DataFrame,
-    filter_decisions: pl.DataFrame,
-    probe_test: ShardSet,
-    eval_leak_sets: dict[str, Any],
-    copy_descriptors: pl.DataFrame,
-    copy_detector: dict[str, Any],
-    raw_pool: ShardSet,
-    filter_network: dict[str, Any],
-    dedup: Params,
-    index: Params,
-    scoring: Params,
+    pool_index: pl.DataFrame, clip_scores: pl.DataFrame, clip_embeddings: pl.DataFrame,
+    filter_decisions: pl.DataFrame, probe_test: ShardSet, eval_leak_sets: dict[str, Any],
+    copy_descriptors: pl.DataFrame, copy_detector: dict[str, Any], raw_pool: ShardSet,
+    filter_network: dict[str, Any], dedup: Params, index: Params, scoring: Params,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Eval-leak and duplicate decisions: leaks of ``probe_test`` and of the ``eval_leak_sets``
-    first, then one representative per duplicate cluster among the samples that passed the
-    earlier stages; copy-detection candidates are verified on images decoded from
-    ``raw_pool``."""
-    cfg = block(DedupConfig, dedup)
-    index_cfg = block(IndexConfig, index)
+    """Eval-leak (``probe_test``, ``eval_leak_sets``) and duplicate decisions of the pool."""
     start = time.perf_counter()
-    pool = dedup_pool(pool_index, clip_scores, filter_decisions)
-    embeddings = pool_embeddings(pool, clip_embeddings) if cfg.needs_embeddings else None
-    scorer = None
-    if cfg.eval_embedding_threshold is not None:
-        scorer = block(ScoringConfig, scoring).loader(filter_network)()
-    sets = {"probe_test": probe_test, **(eval_leak_sets or {})}
-    describer = load_describer(cfg.descriptor, copy_detector) if cfg.describes else None
-    evals = eval_index(sets, index_cfg, scorer, describer)
-    copy_inputs: dict[str, Any] = {}
-    if cfg.describes:
-        copy_inputs = {"descriptors": aligned_descriptors(pool["uid"], copy_descriptors),
-                       "eval_descriptors": evals.descriptors,
-                       "images": pool_loader(raw_pool, pool, index_cfg),
-                       "eval_images": eval_loader(sets, index_cfg)}
-    decisions, summary = deduplicate(pool, embeddings, evals.table, evals.embeddings, cfg,
-                                     **copy_inputs)
-    eval_table = evals.table
-    summary["eval_images"] = eval_table.height
-    summary["eval_sets"] = list(sets)
-    summary["seconds"] = _done(
-        "deduplicate", start, "%d clusters over %d samples, rejected %d eval leaks and %d "
-        "duplicates (%d test images)", summary["clusters"], summary["samples_in_clusters"],
-        summary["rejected_eval_leak"], summary["rejected_duplicate"], eval_table.height,
+    decisions, summary = dedup_stage(
+        pool_index, clip_scores, clip_embeddings, filter_decisions,
+        {"probe_test": probe_test, **(eval_leak_sets or {})}, copy_descriptors, copy_detector,
+        raw_pool, lambda: block(ScoringConfig, scoring).loader(filter_network)(),
+        block(DedupConfig, dedup), block(IndexConfig, index),
     )
-    return decisions, summary
+    return decisions, _timed(
+        "deduplicate", start, summary, "%d clusters over %d samples, rejected %d eval leaks and "
+        "%d duplicates (%d test images)", "clusters", "samples_in_clusters", "rejected_eval_leak",
+        "rejected_duplicate", "eval_images")
 
 
 def build_pool_manifest(
-    pool_index: pl.DataFrame,
-    clip_scores: pl.DataFrame,
-    filter_decisions: pl.DataFrame,
-    dedup_decisions: pl.DataFrame,
-    filters: Params,
+    pool_index: pl.DataFrame, clip_scores: pl.DataFrame, filter_decisions: pl.DataFrame,
+    dedup_decisions: pl.DataFrame, filters: Params,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Combine every stage's decision, apply the score cut to the deduplicated survivors, and
-    account for every pool sample: input = kept + rejected."""
+    """Every stage's decision and the score cut: input = kept + rejected."""
     start = time.perf_counter()
     manifest, summary = build_manifest(pool_index, clip_scores, filter_decisions,
                                        dedup_decisions, block(FilterConfig, filters))
-    summary["seconds"] = _done("build_pool_manifest", start, "%d input = %d kept + %d rejected, "
-                               "score cut %s", summary["input"], summary["kept"],
-                               summary["rejected"], summary["threshold"])
-    return manifest, summary
+    return manifest, _timed("build_pool_manifest", start, summary, "%d input = %d kept + %d "
+                            "rejected, score cut %s", "input", "kept", "rejected", "threshold")
 
 
 def export_dfn_uids(pool_manifest: pl.DataFrame) -> np.ndarray:
-    """The kept uids in DataComp's subset format (``dfn_uids``): what its resharder reads and
-    what ``curation.index.uid_list`` applies to another copy of the pool."""
-    kept = pool_manifest.filter(pl.col("kept"))["uid"].to_list()
-    other = [uid for uid in kept if not is_hex_uid(uid)]
-    if other:
-        logger.warning("export_dfn_uids: %d kept uids are not 128-bit hex (e.g. %r): stored as "
-                       "their sha256's first 128 bits, which only this project's uid_list "
-                       "matches, not DataComp's resharder", len(other), other[0])
-    array = to_datacomp(kept)
+    """The kept uids in DataComp's subset format (what ``curation.index.uid_list`` reads)."""
+    array = export_uids(pool_manifest.filter(pl.col("kept"))["uid"].to_list())
     logger.info("export_dfn_uids: %d kept uids in DataComp's format", array.size)
     return array
 
@@ -320,44 +229,28 @@ def detect_faces_node(
     raw_pool: ShardSet, pool_manifest: pl.DataFrame, pool_index: pl.DataFrame, faces: Params,
     index: Params, executor: Params, progress: bool,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Face boxes of every kept sample, shard by shard (with a pool's sidecar ``face_bboxes``
-    where ``pool_index`` carries them)."""
+    """Face boxes of every kept sample (with the pool's sidecar ``face_bboxes`` if any)."""
     cfg = block(FacesConfig, faces)
     detector = cfg.make_detector()
     start = time.perf_counter()
-    kept = pool_manifest.filter(pl.col("kept")).select("uid", "shard", "key", "position")
-    if SIDECAR_COLUMN in pool_index.columns:
-        kept = kept.join(pool_index.select("uid", SIDECAR_COLUMN), on="uid", how="left",
-                         maintain_order="left")
-    table, summary = detect_faces(detector, raw_pool, kept, block(IndexConfig, index),
-                                  _executor(executor, progress), policy=cfg.policy())
-    summary["seconds"] = _done("detect_faces", start, "%d faces in %d of %d kept images "
-                               "(%d unchecked)", summary["faces"], summary["images_with_faces"],
-                               summary["images"], summary["unchecked"])
-    return table, summary
+    table, summary = detect_faces(detector, raw_pool, kept_face_rows(pool_manifest, pool_index),
+                                  block(IndexConfig, index), _executor(executor, progress),
+                                  policy=cfg.policy())
+    return table, _timed("detect_faces", start, summary, "%d faces in %d of %d kept images (%d "
+                         "unchecked)", "faces", "images_with_faces", "images", "unchecked")
 
 
 def write_dfn_subset(
-    raw_pool: ShardSet,
-    pool_manifest: pl.DataFrame,
-    pool_index: pl.DataFrame,
-    clip_scores: pl.DataFrame,
-    face_boxes: pl.DataFrame,
-    subset: Params,
-    index: Params,
-    executor: Params,
-    progress: bool,
+    raw_pool: ShardSet, pool_manifest: pl.DataFrame, pool_index: pl.DataFrame,
+    clip_scores: pl.DataFrame, face_boxes: pl.DataFrame, subset: Params, index: Params,
+    executor: Params, progress: bool,
 ) -> tuple[Iterator[Sample], pl.DataFrame]:
     """The curated subset (faces blurred, resized) as a stream for the shard writer, and its
-    manifest. ``dfn_manifest.face_boxes`` are in raw-pool pixels; each subset sample's .json has
-    them in its own pixels. ``check_dfn_subset`` counts what was written."""
+    manifest (face boxes in raw-pool pixels; each sample's .json has them in its own)."""
     rows = drop_unchecked(subset_rows(pool_manifest, pool_index, clip_scores, face_boxes),
                           face_boxes)
-    cfg = block(SubsetConfig, subset)
-    samples = iter_subset(raw_pool, rows, cfg, block(IndexConfig, index), _executor(executor, progress))
-    logger.info("write_dfn_subset: %s", resize_note(pool_index, rows, cfg))
-    logger.info("write_dfn_subset: streaming %d samples (%d with faces) to the shard writer",
-                rows.height, int((rows["face_count"] > 0).sum()))
+    samples = subset_stream(raw_pool, rows, pool_index, block(SubsetConfig, subset),
+                            block(IndexConfig, index), _executor(executor, progress))
     return samples, dfn_manifest(rows)
 
 
@@ -365,82 +258,42 @@ def check_dfn_subset(
     dfn_subset: ShardSet, dfn_manifest: pl.DataFrame, subset: Params, faces: Params,
     report: Params,
 ) -> dict[str, Any]:
-    """Read the written subset back against its manifest: samples written, with blurred faces,
-    manifest rows missing (undecodable at write time); every written uid is in the manifest.
-    The blur check runs the face detector again on each image with blurred faces: a face it
-    still finds where one was blurred is counted (``blur_check``)."""
+    """Count the written subset against its manifest, and blurred faces still detected."""
     start = time.perf_counter()
     stats = check_subset(dfn_subset, dfn_manifest, block(SubsetConfig, subset),
                          block(FacesConfig, faces).make_detector(),
                          iou=block(ReportConfig, report).face_iou)
-    check = stats["blur_check"]
-    stats["seconds"] = _done(
-        "check_dfn_subset", start, "%d of %d samples written (%d with blurred faces, %d "
-        "undecodable); blur check: %d of %d blurred faces still detected",
-        stats["written"], stats["kept"], stats["images_blurred"], stats["undecodable"],
-        check["faces_still_detected"], check["faces_checked"],
-    )
+    stats["seconds"] = round(time.perf_counter() - start, 3)
     return stats
 
 
 def report_curation(
-    pool_manifest: pl.DataFrame,
-    face_boxes: pl.DataFrame,
-    sample_truth: pl.DataFrame | None,
-    filter_network: dict[str, Any],
-    report: Params,
-    **stage_stats: dict[str, Any],
+    pool_manifest: pl.DataFrame, face_boxes: pl.DataFrame, sample_truth: pl.DataFrame | None,
+    filter_network: dict[str, Any], report: Params, **stage_stats: dict[str, Any],
 ) -> dict[str, Any]:
     """The funnel, the score cut, seconds per stage and, when a truth table is given, each
     stage's precision and recall against it; ``stage_stats`` are the stage summaries by node."""
-    start = time.perf_counter()
-    out = build_report(
-        pool_manifest, stage_stats, (filter_network or {}).get("metadata"), sample_truth,
-        face_boxes, face_iou=block(ReportConfig, report).face_iou,
-    )
-    truth = out["truth"] or {}
-    _done(
-        "report_curation", start, "%d input, %d kept; wrong-caption AUC %s, near-dup recall %s",
-        out["funnel"]["input"], out["funnel"]["kept"],
-        (truth.get("wrong_caption") or {}).get("roc_auc_clip_score_vs_clean"),
-        (truth.get("near_duplicate") or {}).get("detection_recall"),
-    )
-    return out
+    return build_report(pool_manifest, stage_stats, (filter_network or {}).get("metadata"),
+                        sample_truth, face_boxes, face_iou=block(ReportConfig, report).face_iou)
 
 
 def plot_curation(
-    pool_manifest: pl.DataFrame,
-    curation_report: dict[str, Any],
-    raw_pool: ShardSet,
-    report: Params,
-    index: Params,
+    pool_manifest: pl.DataFrame, curation_report: dict[str, Any], raw_pool: ShardSet,
+    report: Params, index: Params,
 ) -> tuple[Figure, Figure, Figure]:
     """The funnel per reason, the score histogram with the cut, and kept/rejected thumbnails."""
     cfg = block(ReportConfig, report)
     start = time.perf_counter()
     figures = curation_figures(pool_manifest, curation_report, raw_pool,
                                block(IndexConfig, index), cfg.thumbnails, cfg.histogram_bins)
-    _done("plot_curation", start, "3 figures (up to %d+%d thumbnails)", cfg.thumbnails,
-          cfg.thumbnails)
+    _done("plot_curation", start, "3 figures (up to %d+%d thumbnails)", *[cfg.thumbnails] * 2)
     return figures
 
 
 __all__ = [
-    "apply_filters",
-    "build_pool_index",
-    "build_pool_manifest",
-    "check_dfn_subset",
-    "check_scoring_model",
-    "deduplicate_pool",
-    "describe_pool",
-    "detect_faces_node",
-    "export_dfn_uids",
-    "plot_curation",
-    "report_curation",
-    "score_nsfw_node",
-    "score_pool",
-    "train_copy_detector_node",
-    "train_filter_network_node",
-    "validate_curation_params",
+    "apply_filters", "build_pool_index", "build_pool_manifest", "check_dfn_subset",
+    "check_scoring_model", "deduplicate_pool", "describe_pool", "detect_faces_node",
+    "export_dfn_uids", "plot_curation", "report_curation", "score_nsfw_node", "score_pool",
+    "train_copy_detector_node", "train_filter_network_node", "validate_curation_params",
     "write_dfn_subset",
 ]
