@@ -11,23 +11,19 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import polars as pl
 from PIL import Image
 
 from aim_kedro.curation.executors import Executor, LocalExecutor, ShardTask, shard_tasks
-from aim_kedro.curation.faces import (
-    SIDECAR_COLUMN,
-    Box,
-    FaceDetector,
-    face_check,
-    merge_overlapping,
-    sidecar_boxes,
-)
+from aim_kedro.curation.faces import SIDECAR_COLUMN, face_check, merge_overlapping, sidecar_boxes
 from aim_kedro.curation.index import IndexConfig, decode_task
 from aim_kedro.io.shards import ShardSet
+
+if TYPE_CHECKING:
+    from aim_kedro.curation.faces import Box, FaceDetector
 
 logger = logging.getLogger(__name__)
 

@@ -170,8 +170,20 @@ def _cascade_path(name: str) -> str:
     return path
 
 
+class LazyModel:
+    """Base of detectors whose model (the attribute ``MODEL`` names) loads on first use and is
+    left out when pickled, so the detector ships to a worker and loads it there."""
+
+    MODEL = "_model"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state[self.MODEL] = None
+        return state
+
+
 @dataclass
-class HaarCascadeDetector:
+class HaarCascadeDetector(LazyModel):
     """OpenCV Haar cascades; several cascades are merged by suppressing overlapping boxes.
 
     A cascade whose name contains ``profile`` is run on the mirrored image too (it only knows one
@@ -186,6 +198,7 @@ class HaarCascadeDetector:
     max_detect_size: int | None = None
     pad: float = 0.1
     iou_threshold: float = 0.3
+    MODEL = "_classifiers"
     _classifiers: list[cv2.CascadeClassifier] | None = field(
         default=None, init=False, repr=False, compare=False
     )
@@ -216,11 +229,6 @@ class HaarCascadeDetector:
             self._classifiers = classifiers
         return self._classifiers
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_classifiers"] = None
-        return state
-
     def detect(self, image: Image.Image) -> list[Box]:
         """Return the face boxes of ``image`` in its own pixel coordinates."""
         frame = _prepare(image, self.detect_size, self.pad, self.max_detect_size, gray=True)
@@ -247,7 +255,7 @@ class HaarCascadeDetector:
 
 
 @dataclass
-class YuNetOnnxDetector:
+class YuNetOnnxDetector(LazyModel):
     """A YuNet ONNX face detector at a local ``path``, run by ``cv2.FaceDetectorYN``."""
 
     path: str
@@ -257,6 +265,7 @@ class YuNetOnnxDetector:
     detect_size: int = 128
     max_detect_size: int | None = 640
     pad: float = 0.1
+    MODEL = "_net"
     _net: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -270,11 +279,6 @@ class YuNetOnnxDetector:
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
         _check_sizes(self.detect_size, self.max_detect_size, self.pad)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_net"] = None
-        return state
 
     def detect(self, image: Image.Image) -> list[Box]:
         """Return the face boxes of ``image`` in its own pixel coordinates."""

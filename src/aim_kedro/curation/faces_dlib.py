@@ -24,7 +24,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from aim_kedro.curation.faces import Box, make_frame, merge_overlapping, rotated, unrotate
+from aim_kedro.curation.faces import (
+    Box,
+    LazyModel,
+    make_frame,
+    merge_overlapping,
+    rotated,
+    unrotate,
+)
 
 MMOD_FILE = "mmod_human_face_detector.dat"
 
@@ -55,7 +62,7 @@ def _import_dlib() -> Any:
 
 
 @dataclass
-class _DlibDetector:
+class _DlibDetector(LazyModel):
     """Shared by both dlib detectors: the working scale, the rotated passes, the merge."""
 
     min_face: int = 32
@@ -83,11 +90,6 @@ class _DlibDetector:
                 f"angles must be non-zero rotations in [-90, 90] degrees (the upright pass "
                 f"always runs), got {list(self.angles)}"
             )
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_model"] = None
-        return state
 
     def working_scale(self, size: tuple[int, int]) -> float:
         """The resize factor that brings a ``min_face`` face to ``native`` px, bounded so that
