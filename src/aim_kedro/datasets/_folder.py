@@ -8,15 +8,15 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
-from kedro.io import AbstractVersionedDataset, Version
-from kedro.io.core import get_filepath_str, get_protocol_and_path
+from kedro.io.core import get_filepath_str
 
+from aim_kedro.datasets._fsspec import FsspecVersionedDataset
 from aim_kedro.datasets._scratch import no_space_error, remove, scratch_name
 
 LOCAL_PROTOCOLS = ("file", "local")
 
 
-class VersionedFolderDataset(AbstractVersionedDataset):
+class VersionedFolderDataset(FsspecVersionedDataset):
     """Base for datasets stored as a folder at ``filepath/<version>/<name>/``.
 
     Saves go to a hidden temporary folder beside ``filepath`` and are renamed into place in one
@@ -26,26 +26,6 @@ class VersionedFolderDataset(AbstractVersionedDataset):
     Subclasses implement ``_write(folder, data)`` and ``_read(folder)`` on a local or fsspec path. Kedro wraps
     ``_load``/``_save`` once per subclass with its versioning logic.
     """
-
-    def __init__(
-        self,
-        *,
-        filepath: str,
-        version: Version | None = None,
-        credentials: dict[str, Any] | None = None,
-        fs_args: dict[str, Any] | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
-        protocol, path = get_protocol_and_path(filepath, version)
-        self._protocol = protocol
-        self._fs = fsspec.filesystem(protocol, **(credentials or {}), **(fs_args or {}))
-        self.metadata = metadata
-        super().__init__(
-            filepath=PurePosixPath(path),
-            version=version,
-            exists_function=self._fs.exists,
-            glob_function=self._fs.glob,
-        )
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:

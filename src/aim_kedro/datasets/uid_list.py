@@ -6,32 +6,16 @@ import io
 from pathlib import PurePosixPath
 from typing import Any
 
-import fsspec
 import numpy as np
-from kedro.io import AbstractVersionedDataset, Version
-from kedro.io.core import get_filepath_str, get_protocol_and_path
+from kedro.io.core import get_filepath_str
 from kedro_datasets._typing import TablePreview
 
+from aim_kedro.datasets._fsspec import FsspecVersionedDataset
 from aim_kedro.datasets.atomic import _atomic_save
 from aim_kedro.io.uids import from_datacomp, to_datacomp
 
 
-class _UidListFile(AbstractVersionedDataset[Any, np.ndarray]):
-    def __init__(
-        self,
-        *,
-        filepath: str,
-        version: Version | None = None,
-        credentials: dict[str, Any] | None = None,
-        fs_args: dict[str, Any] | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
-        protocol, path = get_protocol_and_path(filepath, version)
-        self._protocol = protocol
-        self._fs = fsspec.filesystem(protocol, **(credentials or {}), **(fs_args or {}))
-        self.metadata = metadata
-        super().__init__(filepath=PurePosixPath(path), version=version,
-                         exists_function=self._fs.exists, glob_function=self._fs.glob)
+class _UidListFile(FsspecVersionedDataset):
 
     def load(self) -> np.ndarray:
         """The uid list as DataComp's sorted ``u8,u8`` array (``io.uids.from_datacomp`` turns
