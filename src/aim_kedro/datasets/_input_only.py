@@ -21,3 +21,18 @@ class InputOnlyDataset(AbstractDataset[Any, Any]):
     def save(self, data: Any) -> NoReturn:
         """Not supported: see ``SAVE_REFUSAL``."""
         raise DatasetError(f"{self._where()} is {self.SAVE_REFUSAL}")
+
+
+class WorkFolderDataset(InputOnlyDataset):
+    """Base of a work folder at ``filepath`` that the node taking it as an input writes through
+    a handle (a cache, a run directory): locked like an output, and always there (an empty or
+    missing folder is a fresh start)."""
+
+    written_by_run = True
+    _filepath: str
+
+    def _exists(self) -> bool:
+        return True
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath}

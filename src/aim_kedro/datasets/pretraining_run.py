@@ -10,10 +10,10 @@ from kedro.io import DatasetError
 from kedro_datasets._typing import JSONPreview
 
 from aim_kedro.aim.checkpoint import RunDir
-from aim_kedro.datasets._input_only import InputOnlyDataset
+from aim_kedro.datasets._input_only import WorkFolderDataset
 
 
-class PretrainingRunDataset(InputOnlyDataset):
+class PretrainingRunDataset(WorkFolderDataset):
     """``load()`` gives a ``RunDir`` on ``filepath``; the training node that takes it as an input
     writes ``last.pt``, kept steps and ``result.json`` there, and a re-run resumes from them.
 
@@ -25,7 +25,6 @@ class PretrainingRunDataset(InputOnlyDataset):
     """
 
     SAVE_REFUSAL = "a run directory: the training node that takes it as an input writes it"
-    written_by_run = True
 
     def __init__(self, *, filepath: str, metadata: dict[str, Any] | None = None) -> None:
         if "://" in str(filepath) and not str(filepath).startswith("file://"):
@@ -40,12 +39,6 @@ class PretrainingRunDataset(InputOnlyDataset):
         """The run-directory handle (a folder that does not exist yet is a fresh run)."""
         return RunDir(self._filepath)
 
-
-    def _exists(self) -> bool:
-        return True
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath}
 
     def preview(self) -> JSONPreview:
         """The resume step, the kept steps and whether a run finished, for kedro-viz."""

@@ -8,10 +8,10 @@ from typing import Any
 from kedro_datasets._typing import TablePreview
 
 from aim_kedro.curation.resume import ShardResultCache
-from aim_kedro.datasets._input_only import InputOnlyDataset
+from aim_kedro.datasets._input_only import WorkFolderDataset
 
 
-class ShardResultCacheDataset(InputOnlyDataset):
+class ShardResultCacheDataset(WorkFolderDataset):
     """``load()`` gives a ``ShardResultCache`` on ``filepath``; the node that takes it as an input
     saves each finished shard there, and a re-run after a crash skips those shards.
 
@@ -23,7 +23,6 @@ class ShardResultCacheDataset(InputOnlyDataset):
     """
 
     SAVE_REFUSAL = "a work cache: the node that takes it as an input writes it"
-    written_by_run = True
 
     def __init__(
         self,
@@ -40,12 +39,6 @@ class ShardResultCacheDataset(InputOnlyDataset):
         """The cache handle (an empty folder is a valid, empty cache)."""
         return ShardResultCache(self._filepath, self._fs_args)
 
-
-    def _exists(self) -> bool:
-        return True
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath}
 
     def preview(self, nrows: int = 20) -> TablePreview:
         """Finished entries (stage, fingerprint, shard) for kedro-viz."""
