@@ -42,7 +42,7 @@ def test_eval_index_hashes_every_test_image_and_embeds_when_asked(
 
 
 def test_eval_matches_name_the_leaked_image_and_how(tmp_path) -> None:
-    table = eval_index(_probe(tmp_path), IndexConfig()).table
+    evals = eval_index(_probe(tmp_path), IndexConfig())
     jpeg = io.BytesIO()
     Image.open(io.BytesIO(noise_png(8))).convert("RGB").save(jpeg, "JPEG", quality=95)
     rows = [
@@ -51,9 +51,9 @@ def test_eval_matches_name_the_leaked_image_and_how(tmp_path) -> None:
                                        ("clean", noise_png(9))])
     ]
     pool = pl.DataFrame(rows, schema=INDEX_SCHEMA)
-    found, how = eval_matches(pool, None, table, None, DedupConfig(eval_copy_detection=False))
+    found, how = eval_matches(pool, None, evals, DedupConfig(eval_copy_detection=False))
     assert found == ["digits-0007", "digits-0008", None]
     assert how[0] == "same sha256_bytes" and how[1] == "perceptual hash" and how[2] is None
     off = DedupConfig(eval_exact=False, eval_phash_radius=None, eval_crop_phash_radius=None,
                       eval_copy_detection=False)
-    assert eval_matches(pool, None, table, None, off)[0] == [None, None, None]
+    assert eval_matches(pool, None, evals, off)[0] == [None, None, None]

@@ -28,7 +28,7 @@ import polars as pl
 
 from aim_kedro.common.config import from_mapping
 from aim_kedro.curation.copydetect import DescriptorConfig
-from aim_kedro.curation.eval_leaks import EVAL_LEAK, eval_matches
+from aim_kedro.curation.eval_leaks import EVAL_LEAK, CopyInputs, EvalIndex, eval_matches
 from aim_kedro.curation.filters import DECISION_SCHEMA
 from aim_kedro.curation.matching import (
     CandidateConfig,
@@ -301,10 +301,9 @@ def deduplicate(
     valid = pool["phash"].is_not_null().to_numpy()
     candidate = pool["candidate"].fill_null(False).to_numpy() & valid
     eval_stats: dict[str, Any] = {}
-    leak_ids, leak_how = eval_matches(
-        pool, embeddings, eval_table, eval_embeddings, cfg, descriptors, eval_descriptors,
-        images, eval_images, eval_stats,
-    )
+    evals = EvalIndex(eval_table, eval_embeddings, eval_descriptors)
+    leak_ids, leak_how = eval_matches(pool, embeddings, evals, cfg,
+                                      CopyInputs(descriptors, images, eval_images), eval_stats)
 
     rows = np.flatnonzero(valid)
     sub = pool[rows.tolist()] if len(rows) else pool.clear()

@@ -184,22 +184,32 @@ def eval_loader(sets: EvalSource | Mapping[str, EvalSource], cfg: IndexConfig) -
     return load
 
 
+@dataclass(frozen=True)
+class CopyInputs:
+    """What copy detection compares besides the evaluation descriptors: the pool's descriptors
+    (row order) and ``images`` (an ``ImageLoader`` of pool rows), and ``eval_images`` (an
+    ``ImageLoader`` of ``eval_index`` positions)."""
+
+    descriptors: np.ndarray | None = None
+    images: ImageLoader | None = None
+    eval_images: ImageLoader | None = None
+
+
 def eval_matches(
     pool: pl.DataFrame,
     pool_embeddings: np.ndarray | None,
-    eval_table: pl.DataFrame,
-    eval_embeddings: np.ndarray | None,
+    evals: EvalIndex,
     cfg: DedupConfig,
-    descriptors: np.ndarray | None = None,
-    eval_descriptors: np.ndarray | None = None,
-    images: ImageLoader | None = None,
-    eval_images: ImageLoader | None = None,
+    copy: CopyInputs | None = None,
     stats: dict[str, Any] | None = None,
 ) -> tuple[list[str | None], list[str | None]]:
-    """For every pool row, the eval_id it leaks (or None) and how it matched. With
-    ``cfg.eval_copy_detection``, pool rows that no cheap rule matched are verified against their
-    descriptor candidates among the test images (and pHash matches whose colours disagree);
-    ``stats`` (when given) receives what that stage did."""
+    """For every pool row, the eval_id it leaks into ``evals`` (or None) and how it matched.
+    With ``cfg.eval_copy_detection``, pool rows that no cheap rule matched are verified against
+    their descriptor candidates among the test images (and pHash matches whose colours
+    disagree), from ``copy``; ``stats`` (when given) receives what that stage did."""
+    copy = copy or CopyInputs()
+    eval_table, eval_embeddings, eval_descriptors = evals.table, evals.embeddings, evals.descriptors
+    descriptors, images, eval_images = copy.descriptors, copy.images, copy.eval_images
     n = pool.height
     found: list[str | None] = [None] * n
     how: list[str | None] = [None] * n
@@ -271,6 +281,7 @@ def eval_matches(
 __all__ = [
     "EVAL_LEAK",
     "EVAL_SCHEMA",
+    "CopyInputs",
     "EvalIndex",
     "EvalSource",
     "eval_index",
