@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,7 @@ from aim_kedro.io.uids import export_uids
 
 logger = logging.getLogger(__name__)
 
-Params = dict[str, Any]
+Params = Mapping[str, Any]  # a parameter block (``params:curation.<block>``)
 
 
 def _done(node: str, start: float, message: str, *args: Any) -> float:
