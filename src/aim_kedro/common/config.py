@@ -34,6 +34,15 @@ def unknown_keys_message(unknown: Iterable[str], valid: Iterable[str], where: st
     return f"unknown {where} parameter(s) {unknown}{did_you_mean}; valid keys: {valid}"
 
 
+def check_choice(value: Any, choices: Iterable[Any], where: str, hint: str = "") -> None:
+    """Raise a ValueError "``where`` must be one of [...], got ``value``" (and ``hint``, after a
+    semicolon) unless ``value`` is one of ``choices``."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{where} must be one of {choices}, got {value!r}"
+                         + (f"; {hint}" if hint else ""))
+
+
 def check_keys(values: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
     """Raise ValueError naming every key of ``values`` that is not in ``valid``."""
     valid = set(valid)
@@ -88,4 +97,4 @@ def _type_hints(cls: type) -> dict[str, Any]:
         return {}
 
 
-__all__ = ["check_keys", "closest", "from_mapping", "unknown_keys_message"]
+__all__ = ["check_choice", "check_keys", "closest", "from_mapping", "unknown_keys_message"]

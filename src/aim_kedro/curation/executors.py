@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 import polars as pl
 from tqdm.auto import tqdm
 
-from aim_kedro.common.config import from_mapping
+from aim_kedro.common.config import check_choice, from_mapping
 from aim_kedro.io.shards import ShardSet
 
 logger = logging.getLogger(__name__)
@@ -62,11 +62,8 @@ class ExecutorConfig:
     cpus_per_task: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in EXECUTORS:
-            raise ValueError(
-                f"curation.executor.kind must be one of {list(EXECUTORS)}, got {self.kind!r}; "
-                "use local (one process) or ray (`kedro run -e ray --pipelines curation`)"
-            )
+        check_choice(self.kind, EXECUTORS, "curation.executor.kind",
+                     "use local (one process) or ray (`kedro run -e ray --pipelines curation`)")
         if self.kind == "ray" and importlib.util.find_spec("ray") is None:
             raise ValueError(
                 "curation.executor.kind is ray but Ray is not installed: "

@@ -17,6 +17,7 @@ import cv2
 import polars as pl
 from PIL import Image
 
+from aim_kedro.common.config import check_choice
 from aim_kedro.curation.executors import Executor, LocalExecutor, ShardTask, shard_tasks
 from aim_kedro.curation.faces import SIDECAR_COLUMN, face_check, merge_overlapping, sidecar_boxes
 from aim_kedro.curation.index import IndexConfig, decode_task
@@ -51,15 +52,8 @@ class FacePolicy:
     sidecar: str = "union"
 
     def __post_init__(self) -> None:
-        if self.unchecked not in UNCHECKED_POLICIES:
-            raise ValueError(
-                f"curation.faces.unchecked must be one of {list(UNCHECKED_POLICIES)}, got "
-                f"{self.unchecked!r}"
-            )
-        if self.sidecar not in SIDECAR_MODES:
-            raise ValueError(
-                f"curation.faces.sidecar must be one of {list(SIDECAR_MODES)}, got {self.sidecar!r}"
-            )
+        check_choice(self.unchecked, UNCHECKED_POLICIES, "curation.faces.unchecked")
+        check_choice(self.sidecar, SIDECAR_MODES, "curation.faces.sidecar")
 
 
 def _image_faces(

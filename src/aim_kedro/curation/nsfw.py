@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from aim_kedro.common.config import check_choice
 from aim_kedro.curation.executors import Executor, LocalExecutor, ShardTask, shard_tasks
 from aim_kedro.curation.index import IndexConfig, decode_task
 from aim_kedro.io.shards import ShardSet
@@ -80,11 +81,7 @@ class NsfwClassifierConfig:
     num_threads: int = 1
 
     def __post_init__(self) -> None:
-        if self.classifier not in CLASSIFIERS:
-            raise ValueError(
-                f"curation.nsfw.classifier must be one of {list(CLASSIFIERS)}, got "
-                f"{self.classifier!r}"
-            )
+        check_choice(self.classifier, CLASSIFIERS, "curation.nsfw.classifier")
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         unknown = sorted(set(self.classes) - set(NUDENET_LABELS))
         if unknown or not self.classes:
