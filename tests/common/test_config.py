@@ -67,3 +67,14 @@ def test_missing_required_fields_are_named() -> None:
     with pytest.raises(ValueError, match=r"evaluation\.trunk\.config lacks \['patch_size'\]; "
                                          r"it needs \['img_size', 'patch_size'\]"):
         from_mapping(_Required, {"img_size": 224}, "evaluation.trunk.config")
+
+
+def test_check_choice_names_the_parameter_the_choices_and_the_hint() -> None:
+    from aim_kedro.common.config import check_choice
+
+    check_choice("ray", ("local", "ray"), "curation.executor.kind")
+    with pytest.raises(ValueError, match=r"^curation.executor.kind must be one of \['local', "
+                                         r"'ray'\], got 'dask'; use local$"):
+        check_choice("dask", ("local", "ray"), "curation.executor.kind", "use local")
+    with pytest.raises(ValueError, match=r"got 'x'$"):
+        check_choice("x", ("a",), "where")

@@ -125,3 +125,16 @@ def test_the_blur_check_finds_faces_a_weak_blur_left(pool, tmp_path) -> None:
     assert check["faces_still_detected"] == 2 and check["images_with_a_face_left"] == 2
     assert sorted(check["uids_with_a_face_left"]) == ["u0", "u1"]
     assert "blur_check" not in check_subset(subset, manifest, weak)
+
+
+def test_kept_face_rows_are_the_kept_rows_with_their_sidecar_boxes() -> None:
+    from aim_kedro.curation.face_stage import kept_face_rows
+    from aim_kedro.curation.faces import SIDECAR_COLUMN
+
+    manifest = pl.DataFrame({"uid": ["a", "b", "c"], "shard": ["s"] * 3, "key": ["1", "2", "3"],
+                             "position": [0, 1, 2], "kept": [True, False, True], "other": [1, 2, 3]})
+    rows = kept_face_rows(manifest, pl.DataFrame({"uid": ["c", "a"]}))
+    assert rows.columns == ["uid", "shard", "key", "position"] and rows["uid"].to_list() == ["a", "c"]
+    index = pl.DataFrame({"uid": ["c", "a"], SIDECAR_COLUMN: ["[[1, 2, 3, 4]]", None]})
+    rows = kept_face_rows(manifest, index)
+    assert rows["uid"].to_list() == ["a", "c"] and rows[SIDECAR_COLUMN].to_list() == [None, "[[1, 2, 3, 4]]"]

@@ -81,3 +81,12 @@ def test_absolute_threshold_replaces_the_fraction() -> None:
         np.array([0.2, 0.3, 0.31, np.nan]), FilterConfig(keep_fraction=None, threshold=0.3)
     )
     assert keep.tolist() == [False, True, True, False] and threshold == 0.3
+
+
+def test_filter_summary_counts_the_checked_samples_and_each_reason() -> None:
+    from aim_kedro.curation.filters import filter_summary
+
+    index = pl.DataFrame({"uid": ["a", "b", "c", "d"], "reject_reason": [None, None, None, "corrupt"]})
+    decisions = pl.DataFrame({"uid": ["a", "b", "c"],
+                              "reject_reason": [None, "basic_filter", "basic_filter"]})
+    assert filter_summary(index, decisions) == {"checked": 3, "basic_filter": 2}

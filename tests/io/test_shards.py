@@ -48,3 +48,15 @@ def test_text_and_json_helpers_reject_bad_bytes() -> None:
     assert sample_text({"txt": b"ok"}) == "ok"
     assert sample_json({"json": b"{not json"}) == {}
     assert sample_json({"json": b'{"uid": "ab"}'}) == {"uid": "ab"}
+
+
+def test_image_text_pairs_skip_damaged_and_imageless_samples() -> None:
+    from aim_kedro.io.shards import image_text_pairs
+
+    samples = [
+        {"__key__": "a", "png": b"png-bytes", "txt": b"a caption"},
+        {"__key__": "b", "jpg": b"jpg-bytes"},
+        {"__key__": "c", "txt": b"no image"},
+        {"__key__": "d", ERROR_KEY: "truncated", "png": b"x"},
+    ]
+    assert list(image_text_pairs(samples)) == [(b"png-bytes", "a caption"), (b"jpg-bytes", "")]

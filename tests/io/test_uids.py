@@ -52,3 +52,15 @@ def test_uid_list_membership_and_bad_files(tmp_path: Path) -> None:
         UidList.load(str(tmp_path / "wrong.npy"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         UidList.load(str(tmp_path / "absent.npy"))
+
+
+def test_export_uids_warns_about_uids_that_are_not_hex(caplog) -> None:
+    from aim_kedro.io.uids import export_uids
+
+    hex_uid = "0123456789abcdef" * 2
+    with caplog.at_level("WARNING"):
+        array = export_uids([hex_uid])
+    assert from_datacomp(array) == [hex_uid] and not caplog.records
+    with caplog.at_level("WARNING"):
+        array = export_uids([hex_uid, "shard-0/key-1"])
+    assert array.size == 2 and "1 kept uids are not 128-bit hex" in caplog.text
