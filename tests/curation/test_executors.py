@@ -45,6 +45,10 @@ def test_tasks_are_one_shard_sets_with_their_rows(pool: ShardSet) -> None:
     assert [t.path.rsplit("/", 1)[-1] for t in by_table] == ["shard-000002.tar", "shard-000000.tar"]
     assert [t.order for t in by_table] == [0, 1]
     assert shard_tasks(pool, rows.clear()) == []
+    split = shard_tasks(pool, rows, max_rows=1)
+    assert [(t.order, t.path.rsplit("/", 1)[-1], t.rows["uid"].to_list()) for t in split] == [
+        (0, "shard-000000.tar", ["u1"]), (1, "shard-000002.tar", ["u0"]),
+        (2, "shard-000002.tar", ["u2"])]
     with pytest.raises(ValueError, match=r"shard-000009\.tar.*re-run build_pool_index"):
         shard_tasks(pool, _rows(["shard-000009.tar"]))
 
@@ -65,6 +69,33 @@ def test_local_executor_maps_and_streams_in_task_order(pool: ShardSet) -> None:
     assert next(stream) == "k0!"  # a stream: nothing past the first item was read yet
     assert list(stream) == [f"k{i}!" for i in range(1, 7)]
     assert local.describe() == {"executor": "local"} == local.describe(want_gpu=True)
+
+
+def _pid_and_count(task: ShardTask) -> tuple[int, int]:
+    import os
+
+    return os.getpid(), _count(task)
+
+
+def _fail_on_short(task: ShardTask) -> int:
+    if _count(task) < 3:
+        raise ValueError(f"short shard {task.path}")
+    return 3
+
+
+def test_local_workers_map_shards_in_other_processes_with_the_same_results(pool) -> None:
+    import os
+
+    tasks = shard_tasks(pool)
+    parallel = LocalExecutor(progress=False, workers=2).map_shards(_pid_and_count, tasks)
+    assert [count for _, count in parallel] == [3, 3, 1]  # task order, as in this process
+    assert os.getpid() not in {pid for pid, _ in parallel}
+    with pytest.raises(ValueError, match=r"short shard .*shard-000002\.tar"):
+        LocalExecutor(progress=False, workers=2).map_shards(_fail_on_short, tasks)
+    assert LocalExecutor(progress=False, workers=None).workers == (os.cpu_count() or 1)
+    assert make_executor(ExecutorConfig.from_dict({"workers": 3})).workers == 3
+    with pytest.raises(ValueError, match=r"curation\.executor\.workers must be a process count"):
+        ExecutorConfig.from_dict({"workers": 0})
 
 
 def test_local_executor_builds_one_model_and_applies_it_per_part(pool: ShardSet) -> None:

@@ -12,7 +12,9 @@ tasks and gives the results back in task order:
   stage.prepare(task)]`` with one ``stage.make_model()`` per worker (the CLIP scorer, a
   ``ModelStage``), streamed per task.
 
-``LocalExecutor`` runs them in this process, one task after another. ``RayExecutor``
+``LocalExecutor`` runs them in this process, one task after another; with ``workers`` > 1 its
+``map_shards`` runs the tasks in that many spawned processes (single-threaded stages such as the
+face detector then use every core), with the same results in the same order. ``RayExecutor``
 (``ray_executor.py``) runs them on Ray Data: CPU tasks per shard and, for ``map_model``, an actor
 pool that holds the model. ``make_executor`` picks one from ``curation.executor``, so the nodes
 never ask which one they have.
@@ -22,7 +24,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import multiprocessing
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -45,7 +50,8 @@ M = TypeVar("M")
 class ExecutorConfig:
     """Where the per-shard stages run (``curation.executor``).
 
-    ``kind: local`` runs them in the Kedro process; ``kind: ray`` on Ray Data: the cluster at
+    ``kind: local`` runs them in the Kedro process (``map_shards`` in ``workers`` processes:
+    null, one per core); ``kind: ray`` on Ray Data: the cluster at
     ``address`` (else ``RAY_ADDRESS``, else a local Ray of ``num_cpus`` CPUs). Scoring runs in
     ``scoring_actors`` actors of ``cpus_per_actor`` CPUs and ``gpus_per_actor`` GPUs (``auto``:
     1 when the cluster has GPUs, else 0), on batches of ``scoring_batch_size`` records (None:
@@ -53,6 +59,7 @@ class ExecutorConfig:
     """
 
     kind: str = "local"
+    workers: int | None = None
     address: str | None = None
     num_cpus: int | None = None
     scoring_actors: int = 1
@@ -73,6 +80,11 @@ class ExecutorConfig:
             raise ValueError(
                 f"curation.executor.address must be a Ray address (auto, host:6379, "
                 f"ray://host:10001) or null, got {self.address!r}"
+            )
+        if self.workers is not None and (_not_int(self.workers) or int(self.workers) < 1):
+            raise ValueError(
+                f"curation.executor.workers must be a process count >= 1 or null (one per "
+                f"core), got {self.workers!r}"
             )
         if self.num_cpus is not None and (_not_int(self.num_cpus) or int(self.num_cpus) < 1):
             raise ValueError(
@@ -136,10 +148,12 @@ class ShardTask:
 
 
 def shard_tasks(
-    shards: ShardSet, table: pl.DataFrame | None = None, order: str = "shards"
+    shards: ShardSet, table: pl.DataFrame | None = None, order: str = "shards",
+    max_rows: int | None = None,
 ) -> list[ShardTask]:
     """One task per shard: every shard of the pool (``table`` None), or each shard that holds
-    rows of ``table`` (columns shard, position, key, ...).
+    rows of ``table`` (columns shard, position, key, ...), split into tasks of at most
+    ``max_rows`` rows when given (so a slow stage's work spreads evenly over the workers).
 
     ``order`` is ``shards`` (the pool's shard order) or ``table`` (the order shards first appear
     in ``table``). Raises ValueError when ``table`` names a shard the pool does not have.
@@ -159,7 +173,14 @@ def shard_tasks(
         )
     names = [key[0] for key in groups] if order == "table" else list(by_name)
     present = [name for name in names if (name,) in groups]
-    return [ShardTask(i, by_name[name], groups[(name,)]) for i, name in enumerate(present)]
+    parts = [(name, part) for name in present for part in _chunks(groups[(name,)], max_rows)]
+    return [ShardTask(i, by_name[name], rows) for i, (name, rows) in enumerate(parts)]
+
+
+def _chunks(rows: pl.DataFrame, max_rows: int | None) -> list[pl.DataFrame]:
+    if max_rows is None or rows.height <= max_rows:
+        return [rows]
+    return [rows.slice(start, max_rows) for start in range(0, rows.height, max_rows)]
 
 
 @dataclass(frozen=True)
@@ -210,12 +231,15 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Runs every task in this process, one after another (``curation.executor.kind: local``)."""
+    """Runs every task on this machine (``curation.executor.kind: local``): ``map_shards`` in
+    ``workers`` spawned processes when that is more than one and there are several tasks, the
+    rest in this process, one task after another."""
 
     kind = "local"
 
-    def __init__(self, progress: bool = True) -> None:
+    def __init__(self, progress: bool = True, workers: int | None = 1) -> None:
         self.progress = bool(progress)
+        self.workers = max(1, int(workers if workers is not None else os.cpu_count() or 1))
         self._model: tuple[Callable[[], Any], Any] | None = None
 
     def _bar(self, tasks: Sequence[ShardTask], desc: str) -> tqdm:
@@ -225,13 +249,23 @@ class LocalExecutor:
     def map_shards(
         self, work: Callable[[ShardTask], R], tasks: Sequence[ShardTask], desc: str = ""
     ) -> list[R]:
-        """``[work(task) for task in tasks]``, with a progress bar over shards."""
-        out = []
+        """``[work(task) for task in tasks]``, with a progress bar over shards; in ``workers``
+        spawned processes (``work`` and the tasks pickled) when there are several tasks."""
+        workers = min(self.workers, len(tasks))
         with self._bar(tasks, desc) as bar:
-            for task in tasks:
-                out.append(work(task))
-                bar.update(1)
-        return out
+            if workers <= 1:
+                out = []
+                for task in tasks:
+                    out.append(work(task))
+                    bar.update(1)
+                return out
+            context = multiprocessing.get_context("spawn")  # no fork of a process with torch threads
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = [pool.submit(work, task) for task in tasks]
+                for future in as_completed(futures):
+                    future.result()  # a failed task raises here, as it would in this process
+                    bar.update(1)
+                return [future.result() for future in futures]
 
     def stream_shards(
         self, work: Callable[[ShardTask], Iterable[T]], tasks: Sequence[ShardTask], desc: str = ""
@@ -263,7 +297,7 @@ class LocalExecutor:
         return {"executor": self.kind}
 
     def __repr__(self) -> str:
-        return "LocalExecutor()"
+        return f"LocalExecutor(workers={self.workers})"
 
 
 def make_executor(cfg: ExecutorConfig, progress: bool = True) -> Executor:
@@ -272,7 +306,7 @@ def make_executor(cfg: ExecutorConfig, progress: bool = True) -> Executor:
         from aim_kedro.curation.ray_executor import RayExecutor
 
         return RayExecutor(cfg, progress)
-    return LocalExecutor(progress)
+    return LocalExecutor(progress, cfg.workers)
 
 
 __all__ = [

@@ -109,7 +109,7 @@ def _data_pipeline(grid: ScalingConfig) -> Pipeline:
 def _point_pipeline(grid: ScalingConfig, point: GridPoint, nodes: Pipeline) -> Pipeline:
     """``nodes`` (the pretraining and evaluation pipelines' own) for one point, in its namespace."""
     shared = {config_name(block): f"{NAMESPACE}.{config_name(block)}"
-              for block in ("device", "features", "random_init", "probes")}
+              for block in PROBE_BLOCKS if config_name(block) in nodes.inputs()}
     return Pipeline(
         nodes, namespace=point_namespace(point),
         inputs={"dfn_subset": "dfn_subset" if grid.whole(point.data)
