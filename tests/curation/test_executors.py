@@ -45,10 +45,6 @@ def test_tasks_are_one_shard_sets_with_their_rows(pool: ShardSet) -> None:
     assert [t.path.rsplit("/", 1)[-1] for t in by_table] == ["shard-000002.tar", "shard-000000.tar"]
     assert [t.order for t in by_table] == [0, 1]
     assert shard_tasks(pool, rows.clear()) == []
-    split = shard_tasks(pool, rows, max_rows=1)
-    assert [(t.order, t.path.rsplit("/", 1)[-1], t.rows["uid"].to_list()) for t in split] == [
-        (0, "shard-000000.tar", ["u1"]), (1, "shard-000002.tar", ["u0"]),
-        (2, "shard-000002.tar", ["u2"])]
     with pytest.raises(ValueError, match=r"shard-000009\.tar.*re-run build_pool_index"):
         shard_tasks(pool, _rows(["shard-000009.tar"]))
 

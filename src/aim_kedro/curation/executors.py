@@ -148,12 +148,10 @@ class ShardTask:
 
 
 def shard_tasks(
-    shards: ShardSet, table: pl.DataFrame | None = None, order: str = "shards",
-    max_rows: int | None = None,
+    shards: ShardSet, table: pl.DataFrame | None = None, order: str = "shards"
 ) -> list[ShardTask]:
     """One task per shard: every shard of the pool (``table`` None), or each shard that holds
-    rows of ``table`` (columns shard, position, key, ...), split into tasks of at most
-    ``max_rows`` rows when given (so a slow stage's work spreads evenly over the workers).
+    rows of ``table`` (columns shard, position, key, ...).
 
     ``order`` is ``shards`` (the pool's shard order) or ``table`` (the order shards first appear
     in ``table``). Raises ValueError when ``table`` names a shard the pool does not have.
@@ -173,14 +171,7 @@ def shard_tasks(
         )
     names = [key[0] for key in groups] if order == "table" else list(by_name)
     present = [name for name in names if (name,) in groups]
-    parts = [(name, part) for name in present for part in _chunks(groups[(name,)], max_rows)]
-    return [ShardTask(i, by_name[name], rows) for i, (name, rows) in enumerate(parts)]
-
-
-def _chunks(rows: pl.DataFrame, max_rows: int | None) -> list[pl.DataFrame]:
-    if max_rows is None or rows.height <= max_rows:
-        return [rows]
-    return [rows.slice(start, max_rows) for start in range(0, rows.height, max_rows)]
+    return [ShardTask(i, by_name[name], groups[(name,)]) for i, name in enumerate(present)]
 
 
 @dataclass(frozen=True)
