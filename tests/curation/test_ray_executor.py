@@ -89,7 +89,7 @@ def test_executor_parameters_fail_before_any_work_and_name_the_fix() -> None:
         "gpus_per_actor": ("all", r"curation\.executor\.gpus_per_actor must be auto or a number"),
         "num_cpus": (1.5, r"curation\.executor\.num_cpus must be a CPU count"),
         "scoring_batch_size": (0, r"curation\.executor\.scoring_batch_size must be >= 1"),
-        "workers": (4, r"unknown curation\.executor parameter\(s\) \['workers'\]"),
+        "actors": (4, r"unknown curation\.executor parameter\(s\) \['actors'\]"),
     }
     for key, (value, message) in bad.items():
         with pytest.raises(ValueError, match=message):
