@@ -119,6 +119,7 @@ def _table_mib(value: Any) -> float:
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the four nodes on the pool of ``spec``; per-stage CPU, wall, peak RSS, table sizes."""
     warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
+    import polars as pl
     from kedro.config import OmegaConfigLoader
 
     from aim_kedro.io.shards import ShardSet
@@ -128,14 +129,24 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     params = dict(conf["parameters"])
     curation = {**params["curation"], "progress": False}
     curation["filters"] = {**curation["filters"], "min_shorter_side": spec["min_side"]}
+    # No model runs here: the copy-detection pass needs its descriptor network (bench/dedup.py
+    # measures it), so only the hash dedup and the exact eval-leak checks run.
+    curation["dedup"] = {**curation["dedup"], "copy_detection": False, "eval_copy_detection": False}
+    # One process, so its CPU time and peak RSS are the whole cost of each stage.
+    curation["executor"] = {**curation["executor"], "workers": 1}
     params["curation"] = curation
     data: dict[str, Any] = {"raw_pool": ShardSet.open(spec["pool"]),
-                            "probe_test": ShardSet.open(spec["probe"]), "filter_network": {}}
+                            "probe_test": ShardSet.open(spec["probe"]), "filter_network": {},
+                            "eval_leak_sets": {}, "copy_detector": None,
+                            "copy_descriptors": pl.DataFrame({"uid": [], "descriptor": []})}
     rss_imports = peak_rss_mib()
     stages = []
     for node in create_pipeline().only_nodes(*STAGES).nodes:
         if node.name == "apply_filters":
             data["clip_scores"], data["clip_embeddings"] = synthetic_scores(data["pool_index"])
+            data["nsfw_scores"] = data["clip_scores"].select(
+                "uid", pl.col("nsfw_score").alias("nsfw_classifier_score"),
+                pl.lit(None, dtype=pl.String).alias("nsfw_classifier_label"))
         per_stage = reset_peak_rss()
         cpu_start, start = cpu_seconds(), time.perf_counter()
         outputs = node.run({name: param_value(params, name) if name.startswith("params:")
