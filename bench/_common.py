@@ -8,6 +8,7 @@ from the repository root as ``.venv/bin/python bench/<name>.py`` (this folder is
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import resource
@@ -175,6 +176,25 @@ def decode_floor(images: Sequence[bytes], size: int = 224, repeats: int = 3) -> 
                 image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         best = min(best, cpu_seconds() - start)
     return len(images) / best if best > 0 else float("inf")
+
+
+RESULT_PREFIX = "BENCH_RESULT "  # the line a bench's --worker subprocess prints its result on
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """Print a worker's result as the one line ``worker_result`` reads back."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def worker_result(stdout: str, returncode: int, what: str, tail: str) -> dict[str, Any]:
+    """The result a ``--worker`` subprocess printed (its last ``RESULT_PREFIX`` line); exits
+    naming ``what`` with ``tail`` (its log) when it failed or printed none."""
+    if returncode != 0:
+        raise SystemExit(f"{what} failed with exit code {returncode}\n{tail}")
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if not lines:
+        raise SystemExit(f"{what} printed no result:\n{stdout[-2000:]}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
 def param_value(params: dict[str, Any], name: str) -> Any:

@@ -59,16 +59,17 @@ from _common import (
     load_average,
     param_value,
     peak_rss_mib,
+    print_result,
     print_table,
     reset_peak_rss,
     summary,
     table_height,
+    worker_result,
 )
 from _curation_ray import STAGE_UNITS, compare_ray, run_ray_stages, stage_count
 
 REPO = Path(__file__).resolve().parents[1]
 EXTERNAL_INPUTS = ("raw_pool", "trusted_pairs", "probe_test", "sample_truth")
-RESULT_PREFIX = "BENCH_RESULT "
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool-size", type=int, default=None,
@@ -277,15 +278,8 @@ def run_pool(args: argparse.Namespace, inputs: dict[str, Any], n: int, tmp: Path
             stdout=subprocess.PIPE, stderr=None if args.verbose else log, text=True,
             check=False, cwd=str(REPO),
         )
-    if done.returncode != 0:
-        tail = "" if args.verbose else log_path.read_text()[-4000:]
-        raise SystemExit(
-            f"curation worker for pool {n} failed with exit code {done.returncode}\n{tail}"
-        )
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if not lines:
-        raise SystemExit(f"curation worker for pool {n} printed no result:\n{done.stdout[-2000:]}")
-    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    tail = "" if args.verbose else log_path.read_text()[-4000:]
+    result = worker_result(done.stdout, done.returncode, f"curation worker for pool {n}", tail)
     result["wall_s"] = time.perf_counter() - start
     return result
 
@@ -294,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         result = run_worker(json.loads(Path(args.worker).read_text()))
-        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        print_result(result)
         return 0
 
     print(environment_line())

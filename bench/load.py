@@ -39,13 +39,14 @@ from _common import (
     load_average,
     param_value,
     peak_rss_mib,
+    print_result,
     print_table,
     reset_peak_rss,
     summary,
+    worker_result,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-RESULT_PREFIX = "LOAD_RESULT "
 STAGES = ("build_pool_index", "apply_filters", "deduplicate", "build_pool_manifest")
 
 
@@ -184,11 +185,8 @@ def run_size(args: argparse.Namespace, n: int, tmp: Path, probe: str) -> dict[st
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
                            str(spec_path)], capture_output=True, text=True, check=False,
                           cwd=str(REPO))
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"load worker for {n} samples failed ({done.returncode}):\n"
-                         f"{done.stderr[-4000:]}")
-    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result = worker_result(done.stdout, done.returncode, f"load worker for {n} samples",
+                           done.stderr[-4000:])
     result["written_s"] = written
     return result
 
@@ -197,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         result = run_worker(json.loads(Path(args.worker).read_text()))
-        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        print_result(result)
         return 0
     print(environment_line())
     results = {}
