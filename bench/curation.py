@@ -158,7 +158,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             entry = dict(conf["catalog"][name])
             if name in EXTERNAL_INPUTS:
                 entry.update(filepath=spec["inputs"][name], versioned=False)
-            else:
+            elif "filepath" in entry:  # eval_leak_sets names its sets in the entry itself
                 entry["filepath"] = str(out / entry["filepath"])
             entries[name] = entry
         return DataCatalog.from_config(entries)
