@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 
+import faiss
 import numpy as np
 import polars as pl
 from conftest import noise_png
@@ -13,6 +14,7 @@ from aim_kedro.curation.index import INDEX_SCHEMA, IndexConfig, index_sample
 from aim_kedro.curation.matching import (
     HashArrays,
     UnionFind,
+    binary_index,
     color_distance,
     cosine_pairs,
     equal_pairs,
@@ -49,6 +51,30 @@ def test_range_searches_match_brute_force() -> None:
     assert (2, 7) in set(zip(i.tolist(), j.tolist(), strict=True)) and sims.min() >= 0.99 - 1e-3
     i, j, _ = cosine_pairs(emb[:5], 0.99, emb[5:])
     assert (2, 2) in set(zip(i.tolist(), j.tolist(), strict=True))
+
+
+def test_hamming_range_searches_by_multi_index_hashing_miss_nothing() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2**63, 300, dtype=np.uint64)
+    flips = np.zeros(300, dtype=np.uint64)
+    for row in range(300):  # near copies 0-12 bits away, so every radius has pairs at its edge
+        for bit in rng.choice(64, int(rng.integers(0, 13)), replace=False):
+            flips[row] |= np.uint64(1) << np.uint64(int(bit))
+    hashes = np.concatenate([base, base ^ flips])
+    bits = np.unpackbits(phash_codes(hashes), axis=1).astype(np.int32)
+    distance = (bits[:, None, :] != bits[None, :, :]).sum(axis=2)
+    for radius in (0, 3, 4, 6, 8, 10, 12):
+        index = binary_index(64, radius)
+        assert isinstance(index, faiss.IndexBinaryMultiHash) == (radius <= 10), radius
+        i, j, d = hamming_pairs(phash_codes(hashes), radius)
+        a, b = np.nonzero(np.triu(distance <= radius, k=1))
+        assert set(zip(i.tolist(), j.tolist(), strict=True)) == set(
+            zip(a.tolist(), b.tolist(), strict=True)), radius
+        assert (d == distance[i, j]).all()
+        i, j, _ = hamming_pairs(phash_codes(hashes[:250]), radius, phash_codes(hashes[250:]))
+        a, b = np.nonzero(distance[:250, 250:] <= radius)
+        assert set(zip(i.tolist(), j.tolist(), strict=True)) == set(
+            zip(a.tolist(), b.tolist(), strict=True)), radius
 
 
 def test_equal_pairs_link_each_group() -> None:

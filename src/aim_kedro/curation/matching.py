@@ -1,10 +1,10 @@
 """Pairs of matching images over compact per-sample arrays: equal hashes, near pHashes, close
 embeddings, and the candidate pairs of copy-detection descriptors.
 
-Perceptual hashes within a Hamming radius come from faiss ``IndexBinaryFlat`` range searches
-(a crop hash of one image against the pHash of the other catches cropped copies), image
-embeddings whose cosine reaches a threshold from ``IndexFlatIP``; colour grids then confirm
-pHash matches. ``knn_pairs`` proposes copy candidates: each descriptor's nearest neighbours
+Perceptual hashes within a Hamming radius come from exact faiss range searches by multi-index
+hashing (``binary_index``; a crop hash of one image against the pHash of the other catches
+cropped copies), image embeddings whose cosine reaches a threshold from ``IndexFlatIP``;
+colour grids then confirm pHash matches. ``knn_pairs`` proposes copy candidates: each descriptor's nearest neighbours
 (exact below a size threshold, an IVF or HNSW index above) that stand out from its
 neighbourhood. ``UnionFind`` merges matched pairs into clusters. Used by ``dedup`` (pool against
 itself) and ``eval_leaks`` (pool against the evaluation test set).
@@ -44,11 +44,11 @@ class HashArrays:
         crop_codes = np.zeros((0, 8), dtype=np.uint8)
         crop_owner = np.zeros(0, dtype=np.int64)
         if "phash_crops" in table.columns and table.height:
-            crops = table["phash_crops"].to_list()
-            counts = np.array([len(c or []) for c in crops], dtype=np.int64)
+            # columnar (no Python object per hash): a pool holds ten crop hashes per image
+            crops = table["phash_crops"].cast(pl.List(pl.UInt64)).list.drop_nulls()
+            counts = crops.list.len().fill_null(0).to_numpy().astype(np.int64)
             if counts.sum():
-                flat = np.array([h for c in crops for h in (c or [])], dtype=np.uint64)
-                crop_codes = phash_codes(flat)
+                crop_codes = phash_codes(crops.explode().drop_nulls().to_numpy())
                 crop_owner = np.repeat(np.arange(len(crops)), counts)
         grids = None
         if "color_grid" in table.columns and table.height:
@@ -136,9 +136,32 @@ def hamming_pairs(
     base = codes if others is None else others
     if len(codes) == 0 or len(base) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
-    index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+    index = binary_index(codes.shape[1] * 8, int(radius))
     index.add(np.ascontiguousarray(base))
     return _range_pairs(index, np.ascontiguousarray(codes), int(radius) + 1, others is None)
+
+
+MIN_HASH_BITS = 10
+
+
+def binary_index(bits: int, radius: int) -> Any:
+    """An exact faiss index for Hamming range searches of ``radius`` bits over ``bits``-bit codes.
+
+    Multi-index hashing (``IndexBinaryMultiHash``): the code is cut into ``nhash`` disjoint
+    blocks of ``bits // nhash`` bits, and a query looks up each block with up to ``nflip``
+    bits flipped. Two codes within ``radius`` bits differ in at most ``nflip`` bits of some
+    block whenever ``nhash * (nflip + 1) > radius`` (pigeonhole), so nothing within the radius
+    is missed, while each query checks only the codes sharing a block instead of every code
+    (the flat scan made dedup quadratic in the pool). Radii too large for blocks of at least
+    ``MIN_HASH_BITS`` bits use the flat scan.
+    """
+    for nflip in (0, 1):
+        nhash = radius // (nflip + 1) + 1
+        if bits // nhash >= MIN_HASH_BITS:
+            index = faiss.IndexBinaryMultiHash(bits, nhash, bits // nhash)
+            index.nflip = nflip
+            return index
+    return faiss.IndexBinaryFlat(bits)
 
 
 def normalized(embeddings: np.ndarray) -> np.ndarray:
