@@ -9,10 +9,12 @@ small project copy of ``cli_project``. Nothing here lists pipelines, nodes or en
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import warnings
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,12 +252,18 @@ def _lists_versions(command: DocCommand) -> bool:
     return "versions" in command.args[:1]
 
 
+def _run_all(project: Path, commands: list[DocCommand]) -> list[Any]:
+    """Run ``commands`` in ``project``, one process per core at a time (they only read the
+    project, or fail before any node runs), results in the order given."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda c: kedro_cli(project, *c.args, program=c.program), commands))
+
+
 @pytest.mark.slow
 def test_documented_version_commands_run(cli_project) -> None:
     commands = _runnable(_lists_versions)
     assert any(c.doc == "docs/guide.md" for c in commands)
-    for command in commands:
-        result = kedro_cli(cli_project["path"], *command.args, program=command.program)
+    for command, result in zip(commands, _run_all(cli_project["path"], commands), strict=True):
         assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}"
         assert re.search(r"\d{4}-\d{2}-\d{2}T", result.stdout), f"{command}: no version listed"
 
@@ -264,8 +272,7 @@ def test_documented_version_commands_run(cli_project) -> None:
 def test_documented_pins_of_versions_that_are_not_there_say_which_exist(cli_project) -> None:
     commands = _runnable(_pins_a_version)
     assert any(c.doc == "docs/guide.md" for c in commands)
-    for command in commands:
-        result = kedro_cli(cli_project["path"], *command.args)
+    for command, result in zip(commands, _run_all(cli_project["path"], commands), strict=True):
         out = result.stdout
         assert result.returncode == 1 and "Traceback" not in out, f"{command}:\n{out[-2000:]}"
         assert "(asked for with --load-versions) does not exist" in out, f"{command}:\n{out[-2000:]}"

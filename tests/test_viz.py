@@ -18,6 +18,7 @@ import pytest
 from conftest import kedro_cli
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog
+from kedro.pipeline import Pipeline
 
 from aim_kedro.pipeline_registry import DEFAULT_ORDER
 
@@ -64,7 +65,8 @@ def test_the_build_is_the_whole_site(viz_build) -> None:
 
 def test_static_build_lists_every_pipeline_s_nodes_and_datasets(viz_build, cli_project) -> None:
     main = _api(viz_build, "main")
-    registered = {**cli_project["pipelines"], "__default__": _registered()["__default__"]}
+    registered = dict(cli_project["pipelines"])
+    registered["__default__"] = sum((registered[name] for name in DEFAULT_ORDER), Pipeline([]))
     assert {p["id"] for p in main["pipelines"]} == set(registered)
     for name, pipeline in registered.items():
         graph = _api(viz_build, f"pipelines/{name}")

@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
+import torch
 import yaml
 from conftest import (
     add_params,
@@ -190,8 +192,15 @@ def sample_run(tmp_path_factory) -> Path:
         add_params(catalog, name, parameters[name])
     from aim_kedro.pipelines.sample import create_pipeline as sample_pipeline
 
-    SequentialRunner().run(sample_pipeline(), catalog)
-    SequentialRunner().run(create_pipeline(), catalog)
+    # the whole sample trains and scores as `make run` does: torch on every core (the suite
+    # keeps one thread for its tiny tensors)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        SequentialRunner().run(sample_pipeline(), catalog)
+        SequentialRunner().run(create_pipeline(), catalog)
+    finally:
+        torch.set_num_threads(threads)
     return root
 
 
