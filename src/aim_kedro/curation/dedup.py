@@ -159,8 +159,8 @@ class DedupConfig:
 
 
 def match_pairs(
-    sha256_bytes: Sequence[str | None],
-    sha256_pixels: Sequence[str | None],
+    sha256_bytes: Sequence[str | None] | pl.Series,
+    sha256_pixels: Sequence[str | None] | pl.Series,
     hashes: HashArrays,
     embeddings: np.ndarray | None,
     cfg: DedupConfig,
@@ -309,8 +309,8 @@ def deduplicate(
     sub = pool[rows.tolist()] if len(rows) else pool.clear()
     sub_emb = embeddings[rows] if embeddings is not None and len(rows) else None
     groups, misses = match_pairs(
-        sub["sha256_bytes"].to_list(),
-        sub["sha256_pixels"].to_list(),
+        sub["sha256_bytes"],
+        sub["sha256_pixels"],
         HashArrays.from_table(sub),
         sub_emb,
         cfg,

@@ -225,9 +225,12 @@ def eval_matches(
 
     if cfg.eval_exact:
         for column in ("sha256_bytes", "sha256_pixels"):
-            lookup = {v: k for k, v in enumerate(eval_table[column].to_list()) if v is not None}
-            pairs = [(r, lookup[v]) for r, v in enumerate(pool[column].to_list()) if v in lookup]
-            mark((p[0] for p in pairs), (p[1] for p in pairs), f"same {column}")
+            # a join, not a dict of the pool's hashes: the last test image with that hash
+            tests = (eval_table.select(pl.col(column).alias("value")).with_row_index("col")
+                     .drop_nulls("value").unique("value", keep="last"))
+            hits = pool.select(pl.col(column).alias("value")).with_row_index("row").join(
+                tests, on="value", how="inner", maintain_order="left")
+            mark(hits["row"].to_list(), hits["col"].to_list(), f"same {column}")
     rows_valid = np.flatnonzero(pool["phash"].is_not_null().to_numpy())
     eval_valid = np.flatnonzero(eval_table["phash"].is_not_null().to_numpy())
     misses = (np.zeros(0, np.int64), np.zeros(0, np.int64))

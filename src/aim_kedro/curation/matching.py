@@ -12,6 +12,7 @@ itself) and ``eval_leaks`` (pool against the evaluation test set).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,32 +137,49 @@ def hamming_pairs(
     base = codes if others is None else others
     if len(codes) == 0 or len(base) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
-    index = binary_index(codes.shape[1] * 8, int(radius))
+    index = binary_index(codes.shape[1] * 8, int(radius), len(base))
     index.add(np.ascontiguousarray(base))
     return _range_pairs(index, np.ascontiguousarray(codes), int(radius) + 1, others is None)
 
 
-MIN_HASH_BITS = 10
+# Relative costs per query, measured with faiss 1.15 on 2 CPU cores (bench/load.py's pools): a
+# hash-table lookup is the unit, checking a code found in a bucket costs 0.75, a flat scan 0.01
+# per code.
+CHECK_COST = 0.75
+FLAT_COST = 0.01
 
 
-def binary_index(bits: int, radius: int) -> Any:
-    """An exact faiss index for Hamming range searches of ``radius`` bits over ``bits``-bit codes.
-
-    Multi-index hashing (``IndexBinaryMultiHash``): the code is cut into ``nhash`` disjoint
-    blocks of ``bits // nhash`` bits, and a query looks up each block with up to ``nflip``
-    bits flipped. Two codes within ``radius`` bits differ in at most ``nflip`` bits of some
-    block whenever ``nhash * (nflip + 1) > radius`` (pigeonhole), so nothing within the radius
-    is missed, while each query checks only the codes sharing a block instead of every code
-    (the flat scan made dedup quadratic in the pool). Radii too large for blocks of at least
-    ``MIN_HASH_BITS`` bits use the flat scan.
-    """
-    for nflip in (0, 1):
+def multi_hash_layouts(bits: int, radius: int) -> list[tuple[int, int, int]]:
+    """The exact multi-index hashing layouts ``(nhash, bits_per_hash, nflip)`` for range
+    searches of ``radius`` bits: ``nhash`` disjoint blocks, each looked up with up to ``nflip``
+    bits flipped. Codes within ``radius`` bits differ in at most ``nflip`` bits of some block
+    whenever ``nhash * (nflip + 1) > radius`` (pigeonhole), so nothing within the radius is
+    missed."""
+    layouts = []
+    for nflip in (0, 1, 2):
         nhash = radius // (nflip + 1) + 1
-        if bits // nhash >= MIN_HASH_BITS:
-            index = faiss.IndexBinaryMultiHash(bits, nhash, bits // nhash)
-            index.nflip = nflip
-            return index
-    return faiss.IndexBinaryFlat(bits)
+        per_hash = min(bits // nhash, 32)
+        if per_hash >= 4:
+            layouts.append((nhash, per_hash, nflip))
+    return layouts
+
+
+def binary_index(bits: int, radius: int, size: int) -> Any:
+    """The cheapest exact faiss index for Hamming range searches of ``radius`` bits over
+    ``size`` codes of ``bits`` bits: ``IndexBinaryMultiHash`` in the layout of
+    ``multi_hash_layouts`` with the fewest lookups and bucket checks per query (each query
+    checks only the codes sharing a block, not every code), or the flat scan for small sets."""
+    best, cost = None, FLAT_COST * size
+    for nhash, per_hash, nflip in multi_hash_layouts(bits, radius):
+        probes = sum(math.comb(per_hash, k) for k in range(nflip + 1))
+        layout_cost = nhash * probes * (1.0 + CHECK_COST * size / 2.0**per_hash)
+        if layout_cost < cost:
+            best, cost = (nhash, per_hash, nflip), layout_cost
+    if best is None:
+        return faiss.IndexBinaryFlat(bits)
+    index = faiss.IndexBinaryMultiHash(bits, best[0], best[1])
+    index.nflip = best[2]
+    return index
 
 
 def normalized(embeddings: np.ndarray) -> np.ndarray:
@@ -184,18 +202,17 @@ def cosine_pairs(
     return _range_pairs(index, x, float(threshold) - 1e-6, others is None)
 
 
-def equal_pairs(values: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of positions holding the same non-null value (each linked to the group's first)."""
-    first: dict[str, int] = {}
-    rows, cols = [], []
-    for i, value in enumerate(values):
-        if value is None:
-            continue
-        j = first.setdefault(value, i)
-        if j != i:
-            rows.append(j)
-            cols.append(i)
-    return np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+def equal_pairs(values: Sequence[str | None] | pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of positions holding the same non-null value (each linked to the group's first),
+    in position order; columnar, so a pool's hash column is never turned into Python strings."""
+    column = values if isinstance(values, pl.Series) else pl.Series(list(values), dtype=pl.String)
+    frame = (
+        pl.DataFrame({"value": column}).with_row_index("row")
+        .filter(pl.col("value").is_not_null())
+        .with_columns(first=pl.col("row").min().over("value"))
+        .filter(pl.col("row") != pl.col("first"))
+    )
+    return frame["first"].to_numpy().astype(np.int64), frame["row"].to_numpy().astype(np.int64)
 
 
 def color_distance(grids_a: np.ndarray, grids_b: np.ndarray) -> np.ndarray:
