@@ -14,6 +14,7 @@ from aim_kedro.curation.index import INDEX_SCHEMA, IndexConfig, index_sample
 from aim_kedro.curation.matching import (
     HashArrays,
     UnionFind,
+    _range_pairs,
     binary_index,
     color_distance,
     cosine_pairs,
@@ -21,6 +22,7 @@ from aim_kedro.curation.matching import (
     hamming_distance,
     hamming_pairs,
     hash_pairs,
+    multi_hash_layouts,
     phash_codes,
 )
 
@@ -53,6 +55,10 @@ def test_range_searches_match_brute_force() -> None:
     assert (2, 2) in set(zip(i.tolist(), j.tolist(), strict=True))
 
 
+def _pairs(i: np.ndarray, j: np.ndarray) -> set[tuple[int, int]]:
+    return set(zip(i.tolist(), j.tolist(), strict=True))
+
+
 def test_hamming_range_searches_by_multi_index_hashing_miss_nothing() -> None:
     rng = np.random.default_rng(1)
     base = rng.integers(0, 2**63, 300, dtype=np.uint64)
@@ -60,21 +66,30 @@ def test_hamming_range_searches_by_multi_index_hashing_miss_nothing() -> None:
     for row in range(300):  # near copies 0-12 bits away, so every radius has pairs at its edge
         for bit in rng.choice(64, int(rng.integers(0, 13)), replace=False):
             flips[row] |= np.uint64(1) << np.uint64(int(bit))
-    hashes = np.concatenate([base, base ^ flips])
-    bits = np.unpackbits(phash_codes(hashes), axis=1).astype(np.int32)
+    codes = phash_codes(np.concatenate([base, base ^ flips]))
+    bits = np.unpackbits(codes, axis=1).astype(np.int32)
     distance = (bits[:, None, :] != bits[None, :, :]).sum(axis=2)
-    for radius in (0, 3, 4, 6, 8, 10, 12):
-        index = binary_index(64, radius)
-        assert isinstance(index, faiss.IndexBinaryMultiHash) == (radius <= 10), radius
-        i, j, d = hamming_pairs(phash_codes(hashes), radius)
-        a, b = np.nonzero(np.triu(distance <= radius, k=1))
-        assert set(zip(i.tolist(), j.tolist(), strict=True)) == set(
-            zip(a.tolist(), b.tolist(), strict=True)), radius
-        assert (d == distance[i, j]).all()
-        i, j, _ = hamming_pairs(phash_codes(hashes[:250]), radius, phash_codes(hashes[250:]))
-        a, b = np.nonzero(distance[:250, 250:] <= radius)
-        assert set(zip(i.tolist(), j.tolist(), strict=True)) == set(
-            zip(a.tolist(), b.tolist(), strict=True)), radius
+    for radius in (0, 3, 4, 6, 8, 12):
+        expected = _pairs(*np.nonzero(distance[:250, 250:] <= radius))
+        layouts = multi_hash_layouts(64, radius)
+        assert {nflip for _, _, nflip in layouts} == {0, 1, 2}, radius
+        for nhash, per_hash, nflip in layouts:
+            index = faiss.IndexBinaryMultiHash(64, nhash, per_hash)
+            index.nflip = nflip
+            index.add(codes[250:])
+            i, j, d = _range_pairs(index, codes[:250], radius + 1, self_join=False)
+            assert _pairs(i, j) == expected, (radius, nhash, per_hash, nflip)
+            assert (d == distance[i, 250 + j]).all()
+        i, j, d = hamming_pairs(codes, radius)
+        assert _pairs(i, j) == _pairs(*np.nonzero(np.triu(distance <= radius, k=1))), radius
+
+
+def test_the_index_layout_follows_the_pool_size() -> None:
+    assert isinstance(binary_index(64, 4, 100), faiss.IndexBinaryFlat)
+    mid, large = binary_index(64, 4, 50_000), binary_index(64, 4, 2_000_000)
+    assert isinstance(mid, faiss.IndexBinaryMultiHash) and mid.nflip == 0 and mid.nhash == 5
+    # more codes per bucket: fewer, longer blocks looked up with one bit flipped
+    assert isinstance(large, faiss.IndexBinaryMultiHash) and large.nflip == 1 and large.nhash == 3
 
 
 def test_equal_pairs_link_each_group() -> None:
