@@ -349,7 +349,8 @@ SMALL_RUN = {
                    "eval_leak": 3},
         "trusted": {"digit_renders": 0, "photos": 10, "faces": 6},
     },
-    "curation": {"progress": False, "filter_network": TINY_FILTER_NETWORK},
+    "curation": {"progress": False, "filter_network": TINY_FILTER_NETWORK,
+                 "dedup": {"descriptor": TINY_DESCRIPTOR}},
     "pretraining": {
         "val_percent": 20.0,
         "train": {"preset": "aim_tiny", "batch_size": 16, "warmup_steps": 2, "total_steps": 12,
@@ -473,3 +474,4 @@ def cli_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
         {name: {"args": run.args, "returncode": run.returncode, "stdout": run.stdout}
          for name, run in runs.items()}))
     return {"path": project, "runs": runs, "pipelines": project_pipelines(project)}
+
