@@ -395,6 +395,16 @@ def kedro_cli(project: Path, *args: str, env: dict[str, str] | None = None,
                           **popen)
 
 
+def kedro_cli_all(project: Path, calls: list[tuple[tuple[str, ...], str]]) -> list:
+    """``kedro_cli(project, *args, program=program)`` for each ``(args, program)``, one process
+    per core at a time, results in the order given: for commands that only read the project
+    or fail before any node runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda call: kedro_cli(project, *call[0], program=call[1]), calls))
+
+
 def small_project(root: Path) -> Path:
     """A project copy with SMALL_RUN in conf/local and the published AIM v1 tiny model as its
     ``ml_aim_checkpoint`` (with ``evaluation.trunk.config``)."""
@@ -474,4 +484,3 @@ def cli_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
         {name: {"args": run.args, "returncode": run.returncode, "stdout": run.stdout}
          for name, run in runs.items()}))
     return {"path": project, "runs": runs, "pipelines": project_pipelines(project)}
-

@@ -9,15 +9,13 @@ what they read and wrote, and they stay quiet.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REFERENCE, kedro_cli
+from conftest import REFERENCE, kedro_cli, kedro_cli_all
 
 from aim_kedro.lineage import registered_pipelines
 
@@ -175,9 +173,7 @@ def test_versions_command_lists_an_entry_s_versions_newest_first(cli_project) ->
     project = cli_project["path"]
     calls = ((("versions", "raw_pool"), "aim-kedro"), (("versions",), "kedro"),
              (("versions", "raw_pol"), "aim-kedro"))
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # they only read
-        result, everything, typo = pool.map(
-            lambda call: kedro_cli(project, *call[0], program=call[1]), calls)
+    result, everything, typo = kedro_cli_all(project, list(calls))  # they only read
     assert result.returncode == 0, result.stdout
     versions = _versions(project / "data/01_raw/raw_pool")
     lines = [line.split() for line in result.stdout.splitlines() if VERSION.match(line.strip())]

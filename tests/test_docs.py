@@ -9,19 +9,17 @@ small project copy of ``cli_project``. Nothing here lists pipelines, nodes or en
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import warnings
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 import pytest
-from conftest import PROJECT, kedro_cli
+from conftest import PROJECT, kedro_cli, kedro_cli_all
 from kedro.config import OmegaConfigLoader
 
 DOCS = ("README.md", "docs/guide.md")
@@ -253,10 +251,9 @@ def _lists_versions(command: DocCommand) -> bool:
 
 
 def _run_all(project: Path, commands: list[DocCommand]) -> list[Any]:
-    """Run ``commands`` in ``project``, one process per core at a time (they only read the
-    project, or fail before any node runs), results in the order given."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda c: kedro_cli(project, *c.args, program=c.program), commands))
+    """Run ``commands`` in ``project`` side by side (they only read it, or fail before any
+    node runs), results in the order given."""
+    return kedro_cli_all(project, [(c.args, c.program) for c in commands])
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
-import torch
 import yaml
 from conftest import (
     add_params,
@@ -28,6 +27,7 @@ from kedro.io import DataCatalog
 from kedro.runner import SequentialRunner
 from PIL import Image
 
+from aim_kedro.common.training import cpu_threads
 from aim_kedro.curation.blur import grown_boxes, resize_shorter_side, scale_boxes
 from aim_kedro.curation.faces import box_iou, make_detector
 from aim_kedro.io.decode import decode_image
@@ -194,13 +194,9 @@ def sample_run(tmp_path_factory) -> Path:
 
     # the whole sample trains and scores as `make run` does: torch on every core (the suite
     # keeps one thread for its tiny tensors)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
+    with cpu_threads(os.cpu_count()):
         SequentialRunner().run(sample_pipeline(), catalog)
         SequentialRunner().run(create_pipeline(), catalog)
-    finally:
-        torch.set_num_threads(threads)
     return root
 
 
