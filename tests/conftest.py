@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
@@ -418,20 +419,32 @@ def small_project(root: Path) -> Path:
     return project
 
 
-def run_order(pipes: dict) -> list[str]:
-    """Registered pipeline names in an order where each one's inputs are made before it (inputs
-    that no registered pipeline makes are the catalog's own)."""
-    made = {out for pipe in pipes.values() for out in pipe.all_outputs()}
-    order: list[str] = []
-    done: set[str] = set()
-    while len(order) < len(pipes):
-        ready = [name for name, pipe in sorted(pipes.items()) if name not in order
-                 and all(i.startswith("params:") or i not in made or i in done
-                         for i in pipe.inputs())]
-        assert ready, f"pipelines {sorted(set(pipes) - set(order))} need each other's outputs"
-        order.append(ready[0])
-        done |= pipes[ready[0]].all_outputs()
-    return order
+def run_when_ready(project: Path, pipes: dict) -> dict[str, subprocess.CompletedProcess]:
+    """``kedro run --pipelines NAME`` in ``project`` for every pipeline of ``pipes``, each once
+    the pipelines that make its inputs are done, side by side (one per core) with the running
+    ones that write none of its outputs, as two users of one project would start them. Inputs
+    no pipeline of ``pipes`` makes are the catalog's own."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    outputs = {name: pipe.all_outputs() for name, pipe in pipes.items()}
+    needs = {name: {other for other in pipes if other != name
+                    and outputs[other] & (pipe.inputs() - outputs[name])}
+             for name, pipe in pipes.items()}
+    runs: dict[str, subprocess.CompletedProcess] = {}
+    running: dict[Any, str] = {}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        while len(runs) < len(pipes):
+            busy = set().union(*(outputs[name] for name in running.values()))
+            for name in sorted(pipes):
+                ready = name not in runs and name not in running.values() and needs[name] <= set(runs)
+                if ready and not outputs[name] & busy and len(running) < (os.cpu_count() or 1):
+                    running[pool.submit(kedro_cli, project, "run", "--pipelines", name)] = name
+                    busy |= outputs[name]
+            assert running, f"pipelines {sorted(set(pipes) - set(runs))} need each other's outputs"
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                runs[running.pop(future)] = future.result()
+    return runs
 
 
 def project_pipelines(project: Path) -> dict:
@@ -456,8 +469,9 @@ CLI_RUNS = "logs/cli-runs.json"  # each run's exit code and output, kept with th
 
 @pytest.fixture(scope="session")
 def cli_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every registered pipeline run with ``kedro run --pipelines NAME`` on a small project copy,
-    in data order: ``{"path": project, "runs": {name: CompletedProcess}}``.
+    """Every registered pipeline run with ``kedro run --pipelines NAME`` on a small project copy
+    (``run_when_ready``: in data order, side by side where they write different entries):
+    ``{"path": project, "runs": {name: CompletedProcess}}``.
 
     ``AIM_KEDRO_TEST_CLI_PROJECT=<folder>`` reuses a project that this fixture built before
     (it keeps the runs' output in ``logs/cli-runs.json``), to iterate on the CLI tests quickly.
@@ -477,9 +491,7 @@ def cli_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
         return {"path": Path(reuse), "runs": runs, "pipelines": project_pipelines(Path(reuse))}
     project = small_project(tmp_path_factory.mktemp("cli") / "project")
     bootstrap_project(project)
-    runs = {}
-    for name in run_order(registered_pipelines()):
-        runs[name] = kedro_cli(project, "run", "--pipelines", name)
+    runs = run_when_ready(project, registered_pipelines())
     (project / CLI_RUNS).write_text(json.dumps(
         {name: {"args": run.args, "returncode": run.returncode, "stdout": run.stdout}
          for name, run in runs.items()}))

@@ -3,6 +3,8 @@ entries that one node writes loaded from one run, and the message of an input th
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import polars as pl
@@ -11,8 +13,8 @@ from kedro.io import DataCatalog, Version
 from kedro.pipeline import Pipeline, node
 
 from aim_kedro.checks import check_inputs, check_top_level, runtime_paths
-from aim_kedro.datasets.atomic import EagerPolarsDataset
-from aim_kedro.hooks import parameter_blocks
+from aim_kedro.datasets.atomic import EagerPolarsDataset, JSONDataset
+from aim_kedro.hooks import RunManifestHooks, parameter_blocks
 from aim_kedro.lineage import align_groups, producers
 
 
@@ -89,3 +91,24 @@ def test_a_missing_input_is_named_with_its_versions_and_its_maker(tmp_path) -> N
     assert "`truth`: no saved version under" in text and "node make of pipeline maker" in text
     assert "`other` is handed over in memory within one run" in text
     assert "`--nodes make_other,read`" in text
+
+
+def test_a_run_that_ends_after_a_later_one_saves_its_manifest_quietly(tmp_path) -> None:
+    """Two runs side by side: the one that started first ends last. Its manifest lands under its
+    own version, the newer run's stays, and no consistency warning reaches the user."""
+    path = str(tmp_path / "run_manifest.json")
+    JSONDataset(filepath=path, version=Version(None, V2)).save({"version": V2})
+    catalog = DataCatalog(datasets={"run_manifest": JSONDataset(filepath=path,
+                                                                 version=Version(None, V1))})
+    hooks = RunManifestHooks()
+    pipe = Pipeline([node(_f, None, "out", name="make_out")])
+    hooks.before_pipeline_run({"run_id": V1, "pipeline_names": ["p"]}, pipe, catalog)
+    hooks.after_node_run(pipe.nodes[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hooks.after_pipeline_run()
+    assert not [w for w in caught if "did not match load version" in str(w.message)]
+    saved = json.loads((tmp_path / "run_manifest.json" / V1 / "run_manifest.json").read_text())
+    assert saved["status"] == "completed" and saved["nodes"] == ["make_out"]
+    newer = json.loads((tmp_path / "run_manifest.json" / V2 / "run_manifest.json").read_text())
+    assert newer == {"version": V2}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -245,7 +246,13 @@ class RunManifestHooks:
         where = None
         if MANIFEST in catalog:
             try:
-                catalog.save(MANIFEST, record.payload(status, error))
+                with warnings.catch_warnings():
+                    # A run that started later and ended first already saved a newer manifest:
+                    # Kedro's "save version did not match load version" says only that, and
+                    # nothing loads the manifest after this save.
+                    warnings.filterwarnings("ignore", category=UserWarning,
+                                            message="Save version .* did not match load version")
+                    catalog.save(MANIFEST, record.payload(status, error))
                 dataset = dataset_of(catalog, MANIFEST)
                 where = str(Path(filepath_of(dataset)) / record.version / Path(filepath_of(dataset)).name) \
                     if is_versioned(dataset) else filepath_of(dataset)
