@@ -158,6 +158,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "node": node.name, "cpu": cpu, "wall": wall,
             "peak_rss_mib": current_peak_rss_mib() if per_stage else peak_rss_mib(),
             "tables_mib": sum(_table_mib(v) for v in outputs.values()),
+            "live_mib": sum(_table_mib(v) for v in data.values()),
         })
         gc.collect()
     manifest = data["pool_manifest"]
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sizes:
             s = results[n]["stages"][i]
             row.update({f"us{n}": s["cpu"] / n * 1e6, f"s{n}": s["wall"],
-                        f"rss{n}": s["peak_rss_mib"], f"tab{n}": s["tables_mib"]})
+                        f"rss{n}": s["peak_rss_mib"], f"tab{n}": s["tables_mib"],
+                        f"live{n}": s["live_mib"]})
         rows.append(row)
     total: dict[str, Any] = {"stage": "the four stages"}
     for n in args.sizes:
@@ -224,23 +226,29 @@ def main(argv: list[str] | None = None) -> int:
         total.update({f"us{n}": sum(s["cpu"] for s in stages) / n * 1e6,
                       f"s{n}": sum(s["wall"] for s in stages),
                       f"rss{n}": max(s["peak_rss_mib"] for s in stages),
-                      f"tab{n}": sum(s["tables_mib"] for s in stages)})
+                      f"tab{n}": sum(s["tables_mib"] for s in stages),
+                      f"live{n}": max(s["live_mib"] for s in stages),
+                      f"beyond{n}": max(s["peak_rss_mib"] - s["live_mib"] for s in stages)})
     rows.append(total)
     columns = [("stage", "stage", "")]
     for n in args.sizes:
         columns += [(f"us{n}", f"CPU us/sample @{n}", ".0f"), (f"s{n}", f"wall s @{n}", ".1f"),
-                    (f"rss{n}", f"peak RSS MiB @{n}", ".0f"), (f"tab{n}", f"tables MiB @{n}", ".1f")]
+                    (f"rss{n}", f"peak RSS MiB @{n}", ".0f"), (f"tab{n}", f"tables MiB @{n}", ".1f"),
+                    (f"live{n}", f"live MiB @{n}", ".1f")]
     print(f"\n## index, filters, dedup, manifest on {args.image_size} px JPEGs ({args.samples_per_shard}"
-          " per shard; peak RSS per stage, tables: the stage's outputs in memory)")
+          " per shard; peak RSS per stage; tables: the stage's outputs in memory; live: every "
+          "table held after the stage, its inputs included)")
     print_table(rows, columns)
     small, big = args.sizes[0], args.sizes[-1]
     rss_s, rss_b = total[f"rss{small}"], total[f"rss{big}"]
     tab_s, tab_b = total[f"tab{small}"], total[f"tab{big}"]
+    beyond_s, beyond_b = total[f"beyond{small}"], total[f"beyond{big}"]
     summary(
         f"load {small} / {big} samples: {total[f'us{small}']:.0f} / {total[f'us{big}']:.0f} us "
         f"CPU per sample (index, filters, dedup, manifest); peak RSS {rss_s:.0f} -> {rss_b:.0f} "
         f"MiB ({(rss_b - rss_s) / rss_s:+.1%}) for {big / small:.0f}x the pool, of which tables "
-        f"{tab_s:.0f} -> {tab_b:.0f} MiB"
+        f"{tab_s:.0f} -> {tab_b:.0f} MiB; beyond the live tables {beyond_s:.0f} -> "
+        f"{beyond_b:.0f} MiB ({(beyond_b - beyond_s) / beyond_s:+.1%})"
     )
     return 0
 
