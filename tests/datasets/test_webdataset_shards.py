@@ -48,8 +48,9 @@ def test_shards_are_read_by_the_webdataset_package(tmp_path: Path) -> None:
 
 def test_two_saves_make_two_versions_and_load_takes_latest(tmp_path: Path) -> None:
     path = tmp_path / "pool"
-    WebDatasetShards(filepath=str(path), version=Version(None, None)).save(_samples(2))
-    WebDatasetShards(filepath=str(path), version=Version(None, None)).save(_samples(5))
+    # explicit save versions: Kedro's timestamps can repeat within a millisecond
+    WebDatasetShards(filepath=str(path), version=Version(None, "2026-01-01T00.00.00.000Z")).save(_samples(2))
+    WebDatasetShards(filepath=str(path), version=Version(None, "2026-01-01T00.00.00.001Z")).save(_samples(5))
     versions = sorted(p.name for p in path.iterdir())
     assert len(versions) == 2
     latest = WebDatasetShards(filepath=str(path), version=Version(None, None)).load()
