@@ -109,6 +109,18 @@ def test_hash_arrays_read_the_index_columns() -> None:
     assert arrays.crop_owner.tolist() == [0] * 10 and arrays.grids.shape == (1, 48)
 
 
+def test_hash_arrays_view_colour_grids_row_by_row_or_leave_them_out() -> None:
+    grids = [bytes(range(i, i + 48)) for i in range(3)]
+    table = pl.DataFrame({"phash": pl.Series([1, 2, 3], dtype=pl.UInt64),
+                          "color_grid": pl.Series(grids, dtype=pl.Binary)})
+    arrays = HashArrays.from_table(table)
+    assert arrays.grids.dtype == np.uint8 and arrays.grids.shape == (3, 48)
+    assert [bytes(row) for row in arrays.grids] == grids
+    for broken in ([grids[0], None, grids[2]], [grids[0], grids[1][:12], grids[2]]):
+        table = table.with_columns(color_grid=pl.Series(broken, dtype=pl.Binary))
+        assert HashArrays.from_table(table).grids is None
+
+
 def test_hash_pairs_find_crops_and_check_colours() -> None:
     from PIL import Image
 

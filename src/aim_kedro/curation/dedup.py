@@ -301,20 +301,16 @@ def deduplicate(
     valid = pool["phash"].is_not_null().to_numpy()
     candidate = pool["candidate"].fill_null(False).to_numpy() & valid
     eval_stats: dict[str, Any] = {}
+    rows = np.flatnonzero(valid)
+    sub = pool.filter(pl.col("phash").is_not_null())  # the rows of ``rows``, in order
+    hashes = HashArrays.from_table(sub)  # built once: the leak check and the pool pass share it
     evals = EvalIndex(eval_table, eval_embeddings, eval_descriptors)
     leak_ids, leak_how = eval_matches(pool, embeddings, evals, cfg,
-                                      CopyInputs(descriptors, images, eval_images), eval_stats)
+                                      CopyInputs(descriptors, images, eval_images), eval_stats,
+                                      pool_hashes=hashes)
 
-    rows = np.flatnonzero(valid)
-    sub = pool[rows.tolist()] if len(rows) else pool.clear()
     sub_emb = embeddings[rows] if embeddings is not None and len(rows) else None
-    groups, misses = match_pairs(
-        sub["sha256_bytes"],
-        sub["sha256_pixels"],
-        HashArrays.from_table(sub),
-        sub_emb,
-        cfg,
-    )
+    groups, misses = match_pairs(sub["sha256_bytes"], sub["sha256_pixels"], hashes, sub_emb, cfg)
     uf = UnionFind(n)
     pair_counts: dict[str, int] = {}
     edges: list[tuple[int, int, str]] = []

@@ -202,11 +202,14 @@ def eval_matches(
     cfg: DedupConfig,
     copy: CopyInputs | None = None,
     stats: dict[str, Any] | None = None,
+    pool_hashes: HashArrays | None = None,
 ) -> tuple[list[str | None], list[str | None]]:
     """For every pool row, the eval_id it leaks into ``evals`` (or None) and how it matched.
     With ``cfg.eval_copy_detection``, pool rows that no cheap rule matched are verified against
     their descriptor candidates among the test images (and pHash matches whose colours
-    disagree), from ``copy``; ``stats`` (when given) receives what that stage did."""
+    disagree), from ``copy``; ``stats`` (when given) receives what that stage did.
+    ``pool_hashes``: the ``HashArrays`` of the pool's rows that have a phash, when the caller
+    already holds them (built here otherwise)."""
     copy = copy or CopyInputs()
     eval_table, eval_embeddings, eval_descriptors = evals.table, evals.embeddings, evals.descriptors
     descriptors, images, eval_images = copy.descriptors, copy.images, copy.eval_images
@@ -237,7 +240,8 @@ def eval_matches(
     if (cfg.eval_phash_radius is not None or cfg.eval_crop_phash_radius is not None) and len(
         rows_valid
     ) and len(eval_valid):
-        a = HashArrays.from_table(pool[rows_valid.tolist()])
+        a = pool_hashes if pool_hashes is not None else HashArrays.from_table(
+            pool.filter(pl.col("phash").is_not_null()))
         b = HashArrays.from_table(eval_table[eval_valid.tolist()])
         i, j = hash_candidates(a, cfg.eval_phash_radius, cfg.eval_crop_phash_radius, b)
         agree = colour_agrees(a, i, j, cfg.eval_max_color_distance, b)

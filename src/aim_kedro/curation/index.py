@@ -343,9 +343,9 @@ def mark_duplicate_uids(index: pl.DataFrame) -> pl.DataFrame:
     """Give every repeat of a uid already seen a deterministic uid of its own, so that ``uid`` is
     a key of every table downstream, and reject it (``duplicate_uid``, "duplicate uid <uid>")
     unless an earlier reason already rejects it."""
+    if index["uid"].n_unique() == index.height:
+        return index  # the common case, checked without a per-group window
     repeat = pl.col("uid").cum_count().over("uid") > 1
-    if not index.select(repeat.any()).item():
-        return index
     fresh = [
         default_uid(shard, f"{key}#{position}")
         for shard, key, position in index.select("shard", "key", "position").iter_rows()
@@ -391,7 +391,8 @@ def build_index(
         functools.partial(index_task, cfg=cfg, uid_list=uid_list), shard_tasks(shards),
         desc="index shards",
     )
-    index = pl.concat(frames, how="diagonal_relaxed") if frames else empty_index()
+    # Not rechunked: the shards' tables become the chunks of the index, not a second copy.
+    index = pl.concat(frames, how="diagonal_relaxed", rechunk=False) if frames else empty_index()
     index = index.select(list(INDEX_SCHEMA) + [c for c in index.columns if c not in INDEX_SCHEMA])
     index = mark_duplicate_uids(index)
     reasons = dict(

@@ -53,10 +53,12 @@ class HashArrays:
                 crop_owner = np.repeat(np.arange(len(crops)), counts)
         grids = None
         if "color_grid" in table.columns and table.height:
-            values = table["color_grid"].to_list()
-            width = max((len(v) for v in values if v is not None), default=0)
-            if width and all(v is not None and len(v) == width for v in values):
-                grids = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), width)
+            column = table["color_grid"]
+            widths = column.bin.size()
+            width = int(widths.max() or 0)
+            if width and column.null_count() == 0 and widths.min() == width:
+                # columnar too: the bytes viewed as [N, width], no Python bytes per row
+                grids = column.bin.reinterpret(dtype=pl.Array(pl.UInt8, width)).to_numpy()
         return cls(codes=codes, crop_codes=crop_codes, crop_owner=crop_owner, grids=grids)
 
     def __len__(self) -> int:
