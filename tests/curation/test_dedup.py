@@ -11,6 +11,7 @@ from PIL import Image
 
 from aim_kedro.curation.dedup import (
     DedupConfig,
+    cluster_ids,
     cluster_keepers,
     dedup_pool,
     deduplicate,
@@ -183,6 +184,14 @@ def test_keeper_is_the_best_score_beyond_the_tolerance_and_the_smallest_uid_with
     assert cluster_keepers(cluster, scores, uids, eligible, 0.0) == {0: 1, 1: 3}
     nan = np.array([np.nan] * 6)
     assert cluster_keepers(cluster, nan, uids, eligible, 1e-4) == {0: 2, 1: 4}
+
+
+def test_cluster_ids_follow_each_cluster_s_first_row() -> None:
+    roots = np.array([7, 2, 7, 5, 2, 9])
+    in_cluster = np.array([True, True, True, False, True, False])
+    assert cluster_ids(roots, in_cluster).tolist() == [0, 1, 0, -1, 1, -1]
+    assert cluster_ids(roots, np.zeros(6, dtype=bool)).tolist() == [-1] * 6
+    assert cluster_ids(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)).tolist() == []
 
 
 def test_dedup_pool_joins_scores_and_candidates_in_index_order() -> None:

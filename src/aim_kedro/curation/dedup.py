@@ -208,10 +208,23 @@ def _copy_detection(
                    **stats.as_dict()}
 
 
+def cluster_ids(roots: np.ndarray, in_cluster: np.ndarray) -> np.ndarray:
+    """Cluster ids 0, 1, ... in the order each cluster's first row appears, -1 for a row
+    in no cluster; ``roots`` are the rows' union-find roots."""
+    cluster_id = np.full(len(roots), -1, dtype=np.int64)
+    rows = np.flatnonzero(in_cluster)
+    if len(rows):
+        found, first, inverse = np.unique(roots[rows], return_index=True, return_inverse=True)
+        rank = np.empty(len(found), dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(found))
+        cluster_id[rows] = rank[inverse.reshape(-1)]
+    return cluster_id
+
+
 def cluster_keepers(
     cluster_id: np.ndarray,
     scores: np.ndarray,
-    uids: Sequence[str],
+    uids: Sequence[str] | pl.Series,
     eligible: np.ndarray,
     tolerance: float,
 ) -> dict[int, int]:
@@ -326,52 +339,50 @@ def deduplicate(
         edges.extend(found)
         for _, _, why in found:
             pair_counts[why] = pair_counts.get(why, 0) + 1
-    how: list[str | None] = [None] * n
+    how: dict[int, str] = {}  # how each matched row first joined its cluster (sparse)
     for a, b, why in edges:
-        how[a] = how[a] or why
-        how[b] = how[b] or why
+        how.setdefault(a, why)
+        how.setdefault(b, why)
     roots = uf.roots()
     sizes = np.bincount(roots, minlength=n)
     in_cluster = sizes[roots] > 1
+    cluster_id = cluster_ids(roots, in_cluster)
+    next_id = int(cluster_id.max()) + 1 if n else 0
 
-    cluster_id = np.full(n, -1, dtype=np.int64)
-    next_id = 0
-    root_to_id: dict[int, int] = {}
-    for i in np.flatnonzero(in_cluster).tolist():
-        r = int(roots[i])
-        if r not in root_to_id:
-            root_to_id[r] = next_id
-            next_id += 1
-        cluster_id[i] = root_to_id[r]
-
-    uids = pool["uid"].to_list()
-    contender = candidate & np.array([e is None for e in leak_ids], dtype=bool)
+    uids = pool["uid"]
+    leaked = np.fromiter((e is not None for e in leak_ids), dtype=bool, count=n)
+    contender = candidate & ~leaked
     scores = pool["clip_score"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
     best = cluster_keepers(cluster_id, scores, uids, contender & in_cluster, cfg.score_tolerance)
-
-    reasons: list[str | None] = [None] * n
-    details: list[str | None] = [None] * n
-    for i in range(n):
-        if not candidate[i]:
-            continue
-        if leak_ids[i] is not None:
-            reasons[i] = EVAL_LEAK
-            details[i] = f"matches {leak_ids[i]} of the evaluation set ({leak_how[i]})"
-        elif in_cluster[i] and best.get(int(cluster_id[i])) != i:
-            keeper = uids[best[int(cluster_id[i])]]
-            reasons[i] = DUPLICATE
-            details[i] = (
-                f"duplicate of {keeper} in cluster {int(cluster_id[i])} of "
-                f"{int(sizes[roots[i]])} ({how[i]})"
-            )
+    keeper = np.full(max(next_id, 1), -1, dtype=np.int64)
+    keeper[list(best)] = list(best.values())
+    leak_rows = np.flatnonzero(candidate & leaked)
+    dup_rows = np.flatnonzero(contender & in_cluster
+                              & (keeper[np.maximum(cluster_id, 0)] != np.arange(n)))
+    # Only the rejected and matched rows get Python strings: the rest stay null columns.
+    reasons = pl.Series("reject_reason", [None] * n, dtype=pl.String)
+    details = pl.Series("reject_detail", [None] * n, dtype=pl.String)
+    if len(leak_rows):
+        reasons.scatter(leak_rows, EVAL_LEAK)
+        details.scatter(leak_rows, [f"matches {leak_ids[i]} of the evaluation set "
+                                    f"({leak_how[i]})" for i in leak_rows.tolist()])
+    if len(dup_rows):
+        reasons.scatter(dup_rows, DUPLICATE)
+        details.scatter(dup_rows, [
+            f"duplicate of {uids[int(keeper[cluster_id[i]])]} in cluster {int(cluster_id[i])} "
+            f"of {int(sizes[roots[i]])} ({how[i]})" for i in dup_rows.tolist()])
+    kinds = pl.Series("match_kind", leak_how, dtype=pl.String)
+    matched = sorted(i for i in how if leak_how[i] is None and in_cluster[i])
+    if matched:
+        kinds.scatter(matched, [how[i] for i in matched])
     out = pl.DataFrame(
         {
             "uid": uids,
             "reject_reason": reasons,
             "reject_detail": details,
-            "dedup_cluster": [int(c) if c >= 0 else None for c in cluster_id],
-            "eval_id": leak_ids,
-            "match_kind": [leak_how[i] or (how[i] if in_cluster[i] else None) for i in range(n)],
+            "dedup_cluster": pl.Series(cluster_id).set(pl.Series(cluster_id < 0), None),
+            "eval_id": pl.Series(leak_ids, dtype=pl.String),
+            "match_kind": kinds,
         },
         schema=DEDUP_SCHEMA,
     )
@@ -381,9 +392,9 @@ def deduplicate(
         "matched_pairs": pair_counts,
         "clusters": next_id,
         "samples_in_clusters": int(in_cluster.sum()),
-        "eval_matches": int(sum(e is not None for e in leak_ids)),
-        "rejected_eval_leak": int(sum(r == EVAL_LEAK for r in reasons)),
-        "rejected_duplicate": int(sum(r == DUPLICATE for r in reasons)),
+        "eval_matches": int(leaked.sum()),
+        "rejected_eval_leak": len(leak_rows),
+        "rejected_duplicate": len(dup_rows),
         "eval_matches_by_kind": _counts(h for h in leak_how if h is not None),
         **cluster_kinds(edges, cluster_id, sizes[roots], cfg.report_clusters),
     }
@@ -424,6 +435,7 @@ __all__ = [
     "DUPLICATE",
     "POOL_COLUMNS",
     "DedupConfig",
+    "cluster_ids",
     "cluster_keepers",
     "cluster_kinds",
     "dedup_pool",
