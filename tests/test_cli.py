@@ -169,6 +169,24 @@ def test_pinning_one_input_loads_the_entries_written_with_it_from_the_same_run(c
             shutil.rmtree(project / info["filepath"] / newer, ignore_errors=True)
 
 
+def test_the_catalog_of_the_versions_command_imports_no_pipeline_and_no_mlflow() -> None:
+    """``aim-kedro versions`` only reads the entries' folders: building its catalog imports
+    neither the pipelines (torch's model code, timm) nor mlflow (kedro-mlflow's hook)."""
+    import subprocess
+    import sys
+
+    from conftest import PROJECT
+
+    script = ("import sys, json; from aim_kedro.cli import _catalog; catalog = _catalog(None); "
+              "print(json.dumps({'entries': 'pool_manifest' in catalog, 'loaded': sorted(m for m "
+              "in ('mlflow', 'timm', 'aim_kedro.aim.model', 'aim_kedro.pipelines.evaluation') "
+              "if m in sys.modules)}))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"entries": True, "loaded": []}
+
+
 def test_versions_command_lists_an_entry_s_versions_newest_first(cli_project) -> None:
     project = cli_project["path"]
     calls = ((("versions", "raw_pool"), "aim-kedro"), (("versions",), "kedro"),

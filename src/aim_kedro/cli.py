@@ -116,10 +116,15 @@ def _project_path() -> Path:
 
 
 def _catalog(env: str | None) -> Any:
+    """The project's catalog, for commands that only read its entries' files: Kedro's typed
+    validation of the parameters is scoped to no pipeline, so building it imports none of
+    them (torch, timm: about 5 s)."""
     project = _project_path()
     bootstrap_project(project)
     with KedroSession.create(project_path=project, env=env) as session:
-        return session.load_context().catalog
+        context = session.load_context()
+        context._pipelines_to_validate = []  # as KedroSession.run scopes it to its pipelines
+        return context.catalog
 
 
 def _runs(catalog: Any) -> dict[str, str]:

@@ -112,10 +112,19 @@ def _dict_points(prefix: tuple[str, ...], value: dict[Any, Any]) -> Iterator[tup
             yield metric_key(*prefix, str(key)), number, 0
 
 
+KEDRO_MLFLOW_HOOK = "mlflow_hook"
+"""The name of kedro-mlflow's ``kedro.hooks`` entry point."""
+
+
 class MlflowTracking:
-    """kedro-mlflow's ``MlflowHook`` for tracked runs only, plus metrics from node outputs."""
+    """kedro-mlflow's ``MlflowHook`` for tracked runs only, plus metrics from node outputs.
+
+    It registers under the name of kedro-mlflow's hook entry point, so pluggy skips loading that
+    entry point (a plugin of that name is already registered) and a session does not import
+    mlflow (about 1.7 s) until a tracked run needs it."""
 
     def __init__(self, metric_outputs: Iterable[str] = METRIC_OUTPUTS) -> None:
+        self.__name__ = KEDRO_MLFLOW_HOOK  # pluggy's canonical name of this plugin
         self.metric_outputs = set(metric_outputs)
         self._context: Any = None
         self._hook: Any = None  # kedro-mlflow's MlflowHook while a tracked run is open

@@ -7,19 +7,21 @@ use a Conv2d patch projection).
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file
 from torch import nn
 
 from aim_kedro.aim.model import AIM, AIMProbeModel, AIMTrunk, AttentiveProbeHead
 from aim_kedro.aim.presets import AIMConfig
+from aim_kedro.aim.state_dicts import (  # noqa: F401 - part of this module's API
+    STATE_DICT_SUFFIXES,
+    read_state_dict,
+    state_dict_from_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -154,45 +156,6 @@ def to_ml_aim(model: AIMProbeModel | AIM | AIMTrunk) -> dict[str, torch.Tensor]:
     if head is not None:
         out.update({"head." + k: v.detach() for k, v in head.state_dict().items()})
     return out
-
-
-STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-
-def _check_suffix(suffix: str, where: str | Path) -> None:
-    if suffix not in STATE_DICT_SUFFIXES:
-        raise ValueError(
-            f"Unsupported checkpoint suffix {suffix!r} for {where}: use .safetensors or .pth."
-        )
-
-
-def _unwrap(state: Any) -> dict[str, torch.Tensor]:
-    """The state dict inside a ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper."""
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    return state
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a local checkpoint file: ``.safetensors`` (memory-mapped), or
-    ``.pth``/``.pt``/``.bin`` through ``torch.load`` (weights only; a ``model`` or
-    ``state_dict`` wrapper is unwrapped)."""
-    path = Path(path)
-    _check_suffix(path.suffix, path)
-    if not path.is_file():
-        raise FileNotFoundError(f"AIM v1 checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    return _unwrap(torch.load(path, map_location="cpu", weights_only=True))
-
-
-def state_dict_from_bytes(data: bytes, suffix: str) -> dict[str, torch.Tensor]:
-    """:func:`read_state_dict` for a file's bytes (a checkpoint read from remote storage)."""
-    _check_suffix(suffix, "bytes")
-    if suffix == ".safetensors":
-        return load_safetensors_bytes(data)
-    return _unwrap(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
 
 def load_aim_v1_checkpoint(path: str | Path, **config: Any) -> AIMProbeModel:

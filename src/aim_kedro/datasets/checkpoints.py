@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from aim_kedro.aim.interop import STATE_DICT_SUFFIXES, read_state_dict, state_dict_from_bytes
+from aim_kedro.aim.state_dicts import STATE_DICT_SUFFIXES, read_state_dict, state_dict_from_bytes
 from aim_kedro.datasets._folder import LOCAL_PROTOCOLS, VersionedFolderDataset
 from aim_kedro.datasets._input_only import InputOnlyDataset
 
