@@ -315,7 +315,7 @@ def deduplicate(
     candidate = pool["candidate"].fill_null(False).to_numpy() & valid
     eval_stats: dict[str, Any] = {}
     rows = np.flatnonzero(valid)
-    sub = pool.filter(pl.col("phash").is_not_null())  # the rows of ``rows``, in order
+    sub = pool.filter(pl.Series(valid))  # the rows of ``rows``, in order
     hashes = HashArrays.from_table(sub)  # built once: the leak check and the pool pass share it
     evals = EvalIndex(eval_table, eval_embeddings, eval_descriptors)
     leak_ids, leak_how = eval_matches(pool, embeddings, evals, cfg,
@@ -354,11 +354,10 @@ def deduplicate(
     contender = candidate & ~leaked
     scores = pool["clip_score"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
     best = cluster_keepers(cluster_id, scores, uids, contender & in_cluster, cfg.score_tolerance)
-    keeper = np.full(max(next_id, 1), -1, dtype=np.int64)
-    keeper[list(best)] = list(best.values())
+    is_keeper = np.zeros(n, dtype=bool)
+    is_keeper[list(best.values())] = True
     leak_rows = np.flatnonzero(candidate & leaked)
-    dup_rows = np.flatnonzero(contender & in_cluster
-                              & (keeper[np.maximum(cluster_id, 0)] != np.arange(n)))
+    dup_rows = np.flatnonzero(contender & in_cluster & ~is_keeper)
     # Only the rejected and matched rows get Python strings: the rest stay null columns.
     reasons = pl.Series("reject_reason", [None] * n, dtype=pl.String)
     details = pl.Series("reject_detail", [None] * n, dtype=pl.String)
@@ -369,7 +368,7 @@ def deduplicate(
     if len(dup_rows):
         reasons.scatter(dup_rows, DUPLICATE)
         details.scatter(dup_rows, [
-            f"duplicate of {uids[int(keeper[cluster_id[i]])]} in cluster {int(cluster_id[i])} "
+            f"duplicate of {uids[best[int(cluster_id[i])]]} in cluster {int(cluster_id[i])} "
             f"of {int(sizes[roots[i]])} ({how[i]})" for i in dup_rows.tolist()])
     kinds = pl.Series("match_kind", leak_how, dtype=pl.String)
     matched = sorted(i for i in how if leak_how[i] is None and in_cluster[i])
