@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REFERENCE, kedro_cli, kedro_cli_all
+from conftest import PROJECT, REFERENCE, kedro_cli, kedro_cli_all
 
 from aim_kedro.lineage import registered_pipelines
 
@@ -172,11 +174,6 @@ def test_pinning_one_input_loads_the_entries_written_with_it_from_the_same_run(c
 def test_the_catalog_of_the_versions_command_imports_no_pipeline_and_no_mlflow() -> None:
     """``aim-kedro versions`` only reads the entries' folders: building its catalog imports
     neither the pipelines (torch's model code, timm) nor mlflow (kedro-mlflow's hook)."""
-    import subprocess
-    import sys
-
-    from conftest import PROJECT
-
     script = ("import sys, json; from aim_kedro.cli import _catalog; catalog = _catalog(None); "
               "print(json.dumps({'entries': 'pool_manifest' in catalog, 'loaded': sorted(m for m "
               "in ('mlflow', 'timm', 'aim_kedro.aim.model', 'aim_kedro.pipelines.evaluation') "
