@@ -120,15 +120,26 @@ def current_peak_rss_mib() -> float | None:
 
 
 class ForwardCpu:
-    """CPU seconds this process spends inside ``torch.nn.Module`` forward passes (the outermost
-    call only, through torch's global module hooks): the model inference a pipeline's own cost
-    excludes. ``seconds`` counts every thread (``resource.getrusage``)."""
+    """CPU seconds this process spends in model forward passes (the outermost call only): every
+    ``torch.nn.Module`` forward (torch's global module hooks), and the non-torch networks the
+    curation stages run: dlib's MMOD CNN face detector, onnxruntime sessions (NudeNet) and
+    OpenCV's YuNet. That is the model inference a pipeline's own cost excludes. ``seconds``
+    counts every thread (``resource.getrusage``); work in other processes is not seen."""
+
+    # (module, class, method) of the non-torch forward passes; the method runs the network alone
+    # (dlib's ``_rects`` calls the CNN and keeps its confident rectangles).
+    PATCHES = (
+        ("aim_kedro.curation.faces_dlib", "DlibCnnDetector", "_rects"),
+        ("aim_kedro.curation.faces", "YuNetOnnxDetector", "detect"),
+        ("onnxruntime", "InferenceSession", "run"),
+    )
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self._depth = 0
         self._start = 0.0
         self._handles: list[Any] = []
+        self._patched: list[tuple[type, str, Any | None]] = []
 
     def _enter(self, *_: Any) -> None:
         if self._depth == 0:
@@ -140,17 +151,42 @@ class ForwardCpu:
         if self._depth == 0:
             self.seconds += cpu_seconds() - self._start
 
+    def _wrap(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._enter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._leave()
+
+        return timed
+
     def __enter__(self) -> ForwardCpu:
+        import importlib
+
         from torch.nn.modules import module
 
         self._handles = [module.register_module_forward_pre_hook(self._enter),
                          module.register_module_forward_hook(self._leave, always_call=True)]
+        for module_name, class_name, method_name in self.PATCHES:
+            try:
+                cls = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError):
+                continue  # not installed here: nothing of it runs
+            self._patched.append((cls, method_name, cls.__dict__.get(method_name)))
+            setattr(cls, method_name, self._wrap(getattr(cls, method_name)))
         return self
 
     def __exit__(self, *_: Any) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for cls, method_name, original in reversed(self._patched):
+            if original is None:  # inherited: drop the wrapper, the base's method shows again
+                delattr(cls, method_name)
+            else:
+                setattr(cls, method_name, original)
+        self._patched = []
 
 
 def cpu_seconds() -> float:

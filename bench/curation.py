@@ -27,9 +27,11 @@ the catalog, saving to a second catalog: a second table gives items/s of each no
 on this machine (the engine's overhead), and whether the Ray outputs equal the local ones.
 ``--no-ray`` skips it.
 
-Own CPU: the process's CPU per stage minus what torch modules' forward passes took (global
-module hooks), per pool image, beside the decode floor of the same run (Pillow decode + one
-bicubic resize of the same JPEGs); the last line is exactly
+Own CPU: the process's CPU per stage minus what model forward passes took (torch modules through
+global module hooks; dlib's CNN face detector, onnxruntime and YuNet through wrappers), per pool
+image, with every stage in the one process (``curation.executor.workers: 1``), beside the decode
+floor of the same run (Pillow decode + one bicubic resize of the same JPEGs); the last line is
+exactly
 ``curation cpu X img/s/core excluding inference; floor F img/s/core; ratio R``.
 
     .venv/bin/python bench/curation.py --quick                   # 200 and 400 images at 64 px
@@ -142,6 +144,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     conf = OmegaConfigLoader(str(REPO / "conf"), base_env="base", default_run_env="base")
     params = dict(conf["parameters"])
     params["curation"] = {**params["curation"], "progress": False}
+    # Every stage in this process, so that ForwardCpu sees every forward pass (the local
+    # executor's worker processes would hide theirs, and add their start-up to the pool's cost).
+    params["curation"]["executor"] = {**params["curation"]["executor"], "workers": 1}
     overrides = {key: spec[f"filter_{key}"] for key in ("epochs", "steps")
                  if spec[f"filter_{key}"] is not None}
     params["curation"]["filter_network"] = {**params["curation"]["filter_network"], **overrides}
@@ -373,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def own_cpu(args: argparse.Namespace, result: dict[str, Any]) -> float:
-    """Print the pipeline's own CPU per stage (the process's CPU minus what torch modules'
-    forward passes took) at the largest pool; return pool images per own CPU-second of the
+    """Print the pipeline's own CPU per stage (the process's CPU minus what model forward passes
+    took) at the largest pool; return pool images per own CPU-second of the
     stages that see the pool (all but the filtering network's training)."""
     big = args.sizes[-1]
     rows = []
@@ -389,7 +394,7 @@ def own_cpu(args: argparse.Namespace, result: dict[str, Any]) -> float:
                  "inference": sum(r["inference"] for r in rows), "own": total,
                  "ms": total / big * 1e3})
     print(f"\n## own CPU at {big} images ({args.image_size} px): user + system s, minus the "
-          f"forward passes of torch modules; floor: Pillow decode + one bicubic resize to "
+          f"forward passes of torch modules, dlib's CNN and onnxruntime; floor: Pillow decode + one bicubic resize to "
           f"{args.floor_size} px of the same JPEGs, {result['floor_ips']:.1f} img/s/core")
     print_table(rows, [("stage", "stage", ""), ("cpu", "CPU s", ".2f"),
                        ("inference", "inference CPU s", ".2f"), ("own", "own CPU s", ".2f"),
