@@ -17,7 +17,8 @@ Peak memory is the subprocess's peak RSS per stage (Linux: ``VmHWM`` after reset
 through ``/proc/self/clear_refs`` before each stage; elsewhere the running
 ``resource.getrusage(...).ru_maxrss``). The pipeline streams shard by shard, so the peak should
 not grow with the pool; the summary gives the peak over the whole run and over the stages that
-see the pool (all but the filtering-network training, whose cost does not depend on the pool).
+see the pool (all but ``TRAINING_STAGES``: the filtering network's and the copy descriptor's
+training, whose cost does not grow with the pool).
 CPU seconds per 10k items are the subprocess's user + system time per stage.
 
 Ray: after the local run of the largest pool (the smaller one with ``--quick``), the same
@@ -72,6 +73,10 @@ from _curation_ray import STAGE_UNITS, compare_ray, run_ray_stages, stage_count
 
 REPO = Path(__file__).resolve().parents[1]
 EXTERNAL_INPUTS = ("raw_pool", "trusted_pairs", "probe_test", "sample_truth")
+# Nodes that train a network for a fixed number of steps on at most a fixed number of images
+# (the filtering network, the copy descriptor): a one-off cost per run that does not grow with
+# the pool, so the per-image figures leave it out and print it apart.
+TRAINING_STAGES = ("train_filter_network", "train_copy_detector")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool-size", type=int, default=None,
@@ -327,12 +332,12 @@ def main(argv: list[str] | None = None) -> int:
             row[f"cpu{n}"] = stage["cpu"] / count * 10_000 if count else None
         rows.append(row)
     totals: dict[str, Any] = {"stage": "end to end", "counts": "pool samples"}
-    no_train: dict[str, Any] = {"stage": "end to end w/o filter training", "counts": "pool samples"}
+    no_train: dict[str, Any] = {"stage": "end to end w/o training", "counts": "pool samples"}
     for n in args.sizes:
         stages = results[n]["stages"]
         total = sum(s["load"] + s["run"] + s["save"] for s in stages)
         train = sum(s["load"] + s["run"] + s["save"] for s in stages
-                    if s["node"] == "train_filter_network")
+                    if s["node"] in TRAINING_STAGES)
         totals.update({f"n{n}": n, f"s{n}": total, f"ips{n}": n / total,
                        f"rss{n}": results[n]["peak_rss_mib"]})
         no_train.update({f"n{n}": n, f"s{n}": total - train, f"ips{n}": n / (total - train)})
@@ -352,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def pool_peak(n: int) -> float:
         return max(s["stage_peak_rss_mib"] or 0.0 for s in results[n]["stages"]
-                   if s["node"] != "train_filter_network")
+                   if s["node"] not in TRAINING_STAGES)
 
     rss_small, rss_big = results[small]["peak_rss_mib"], results[big]["peak_rss_mib"]
     pool_small, pool_big = pool_peak(small), pool_peak(big)
@@ -364,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
            "column shows the running peak)"))
     print(
         f"# curation end to end {totals[f'ips{small}']:.1f} / {totals[f'ips{big}']:.1f} img/s at "
-        f"{small} / {big} images ({args.image_size} px; w/o filter training "
+        f"{small} / {big} images ({args.image_size} px; w/o training "
         f"{no_train[f'ips{small}']:.1f} / {no_train[f'ips{big}']:.1f}) | peak RSS "
         f"{rss_small:.0f} -> {rss_big:.0f} MiB ({(rss_big - rss_small) / rss_small:+.1%}), "
         f"pool stages {pool_small:.0f} -> {pool_big:.0f} MiB "
@@ -379,12 +384,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def own_cpu(args: argparse.Namespace, result: dict[str, Any]) -> float:
     """Print the pipeline's own CPU per stage (the process's CPU minus what model forward passes
-    took) at the largest pool; return pool images per own CPU-second of the
-    stages that see the pool (all but the filtering network's training)."""
+    took) at the largest pool; return pool images per own CPU-second of the stages that see
+    the pool (all but ``TRAINING_STAGES``)."""
     big = args.sizes[-1]
     rows = []
     for stage in result["stages"]:
-        if stage["node"] == "train_filter_network":
+        if stage["node"] in TRAINING_STAGES:
+            print(f"# {stage['node']}: {stage['cpu']:.1f} CPU s, {stage['inference_cpu']:.1f} of "
+                  "them in forward passes (a fixed cost per run, left out of the per-image rows)")
             continue
         mine = stage["cpu"] - stage["inference_cpu"]
         rows.append({"stage": stage["node"], "cpu": stage["cpu"], "inference": stage["inference_cpu"],
@@ -394,7 +401,8 @@ def own_cpu(args: argparse.Namespace, result: dict[str, Any]) -> float:
                  "inference": sum(r["inference"] for r in rows), "own": total,
                  "ms": total / big * 1e3})
     print(f"\n## own CPU at {big} images ({args.image_size} px): user + system s, minus the "
-          f"forward passes of torch modules, dlib's CNN and onnxruntime; floor: Pillow decode + one bicubic resize to "
+          f"forward passes of torch modules, dlib's CNN and onnxruntime; floor: Pillow decode + "
+          f"one bicubic resize to "
           f"{args.floor_size} px of the same JPEGs, {result['floor_ips']:.1f} img/s/core")
     print_table(rows, [("stage", "stage", ""), ("cpu", "CPU s", ".2f"),
                        ("inference", "inference CPU s", ".2f"), ("own", "own CPU s", ".2f"),
