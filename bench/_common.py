@@ -126,11 +126,11 @@ class ForwardCpu:
     OpenCV's YuNet. That is the model inference a pipeline's own cost excludes. ``seconds``
     counts every thread (``resource.getrusage``); work in other processes is not seen."""
 
-    # (module, class, method) of the non-torch forward passes; the method runs the network alone
-    # (dlib's ``_rects`` calls the CNN and keeps its confident rectangles).
+    # (module, class, method) of the non-torch forward passes; each method runs the network on an
+    # already prepared frame and reads its rectangles out (the detectors' ``_rects``).
     PATCHES = (
         ("aim_kedro.curation.faces_dlib", "DlibCnnDetector", "_rects"),
-        ("aim_kedro.curation.faces", "YuNetOnnxDetector", "detect"),
+        ("aim_kedro.curation.faces", "YuNetOnnxDetector", "_rects"),
         ("onnxruntime", "InferenceSession", "run"),
     )
 

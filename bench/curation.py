@@ -77,6 +77,8 @@ EXTERNAL_INPUTS = ("raw_pool", "trusted_pairs", "probe_test", "sample_truth")
 # (the filtering network, the copy descriptor): a one-off cost per run that does not grow with
 # the pool, so the per-image figures leave it out and print it apart.
 TRAINING_STAGES = ("train_filter_network", "train_copy_detector")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool-size", type=int, default=None,
@@ -402,8 +404,7 @@ def own_cpu(args: argparse.Namespace, result: dict[str, Any]) -> float:
                  "ms": total / big * 1e3})
     print(f"\n## own CPU at {big} images ({args.image_size} px): user + system s, minus the "
           f"forward passes of torch modules, dlib's CNN and onnxruntime; floor: Pillow decode + "
-          f"one bicubic resize to "
-          f"{args.floor_size} px of the same JPEGs, {result['floor_ips']:.1f} img/s/core")
+          f"one bicubic resize to {args.floor_size} px of the same JPEGs, {result['floor_ips']:.1f} img/s/core")
     print_table(rows, [("stage", "stage", ""), ("cpu", "CPU s", ".2f"),
                        ("inference", "inference CPU s", ".2f"), ("own", "own CPU s", ".2f"),
                        ("ms", "own CPU ms / pool image", ".2f")])

@@ -280,20 +280,22 @@ class YuNetOnnxDetector(LazyModel):
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
         _check_sizes(self.detect_size, self.max_detect_size, self.pad)
 
-    def detect(self, image: Image.Image) -> list[Box]:
-        """Return the face boxes of ``image`` in its own pixel coordinates."""
-        frame = _prepare(image, self.detect_size, self.pad, self.max_detect_size, gray=False)
-        height, width = frame.array.shape[:2]
+    def _rects(self, array: np.ndarray) -> list[tuple[float, float, float, float]]:
+        """The network's face rectangles ``(x, y, w, h)`` in a prepared BGR frame."""
+        height, width = array.shape[:2]
         if self._net is None:
             self._net = cv2.FaceDetectorYN.create(
                 self.path, "", (width, height), self.score_threshold, self.nms_threshold,
                 self.top_k,
             )
         self._net.setInputSize((width, height))
-        _, faces = self._net.detect(frame.array)
-        if faces is None:
-            return []
-        return frame.to_image_boxes([tuple(float(v) for v in f[:4]) for f in faces])
+        _, faces = self._net.detect(array)
+        return [] if faces is None else [tuple(float(v) for v in f[:4]) for f in faces]
+
+    def detect(self, image: Image.Image) -> list[Box]:
+        """Return the face boxes of ``image`` in its own pixel coordinates."""
+        frame = _prepare(image, self.detect_size, self.pad, self.max_detect_size, gray=False)
+        return frame.to_image_boxes(self._rects(frame.array))
 
 
 @dataclass
