@@ -43,14 +43,14 @@ class HashArrays:
         every row must have a phash (filter undecodable rows out first)."""
         codes = phash_codes(table["phash"].cast(pl.UInt64).to_numpy())
         crop_codes = np.zeros((0, 8), dtype=np.uint8)
-        crop_owner = np.zeros(0, dtype=np.int64)
+        crop_owner = np.zeros(0, dtype=np.int32)  # int32: ten per image, half of int64's bytes
         if "phash_crops" in table.columns and table.height:
             # columnar (no Python object per hash): a pool holds ten crop hashes per image
             crops = table["phash_crops"].cast(pl.List(pl.UInt64)).list.drop_nulls()
             counts = crops.list.len().fill_null(0).to_numpy().astype(np.int64)
             if counts.sum():
                 crop_codes = phash_codes(crops.explode().drop_nulls().to_numpy())
-                crop_owner = np.repeat(np.arange(len(crops)), counts)
+                crop_owner = np.repeat(np.arange(len(crops), dtype=np.int32), counts)
         grids = None
         if "color_grid" in table.columns and table.height:
             column = table["color_grid"]
