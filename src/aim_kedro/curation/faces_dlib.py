@@ -126,12 +126,33 @@ class _DlibDetector(LazyModel):
 @dataclass
 class DlibCnnDetector(_DlibDetector):
     """dlib's MMOD CNN face detector (``kind: dlib_cnn``); ``threshold`` is on its confidence
-    (0 is dlib's own cut), ``weights`` a local .dat to use instead of the packaged one."""
+    (0 is dlib's own cut), ``weights`` a local .dat to use instead of the packaged one.
+
+    ``backend: torch`` runs the same weights through PyTorch (``faces_mmod``: the same boxes,
+    several times faster than this CPU build of dlib), on ``num_threads`` torch threads;
+    ``backend: dlib`` calls dlib itself."""
 
     weights: str | None = None
+    backend: str = "torch"
+    num_threads: int | None = 1
+    backends: ClassVar[tuple[str, ...]] = ("torch", "dlib")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.backend not in self.backends:
+            raise ValueError(
+                f"face detector kind 'dlib_cnn': backend must be one of {list(self.backends)}, "
+                f"got {self.backend!r}"
+            )
+        if self.num_threads is not None and (
+            isinstance(self.num_threads, bool)
+            or not isinstance(self.num_threads, int)
+            or self.num_threads < 1
+        ):
+            raise ValueError(
+                f"face detector kind 'dlib_cnn': num_threads must be >= 1 or null, got "
+                f"{self.num_threads!r}"
+            )
         path = self.weights or mmod_weights()
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -141,6 +162,8 @@ class DlibCnnDetector(_DlibDetector):
             )
 
     def _rects(self, array: np.ndarray) -> list[Rect]:
+        if self.backend == "torch":
+            return self._torch_rects(array)
         if self._model is None:
             self._model = _import_dlib().cnn_face_detection_model_v1(self.weights or mmod_weights())
         out = []
@@ -149,6 +172,20 @@ class DlibCnnDetector(_DlibDetector):
                 r = det.rect
                 out.append((r.left(), r.top(), r.width(), r.height()))
         return out
+
+    def _torch_rects(self, array: np.ndarray) -> list[Rect]:
+        from aim_kedro.common.training import cpu_threads
+        from aim_kedro.curation.faces_mmod import MmodNet
+
+        if self._model is None:
+            self._model = MmodNet.from_file(self.weights or mmod_weights())
+        with cpu_threads(self.num_threads):
+            found = self._model.detect(np.ascontiguousarray(array), 0.0)  # dlib's own cut
+        return [
+            (left, top, width, height)
+            for left, top, width, height, confidence in found
+            if confidence >= self.threshold
+        ]
 
 
 @dataclass
