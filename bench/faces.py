@@ -73,6 +73,9 @@ DETECTORS: dict[str, dict[str, Any]] = {
     "cnn": {"kind": "dlib_cnn", "min_face": 20, "max_detect_size": 1280},
     "cnn_rot": {"kind": "dlib_cnn", "min_face": 20, "max_detect_size": 1280,
                 "angles": [-25, 25]},
+    # a confidence cut below dlib's own 0 (backend torch only): more faces, more blobs found
+    # again on blurred faces
+    "cnn_low": {"kind": "dlib_cnn", "min_face": 20, "max_detect_size": 1280, "threshold": -0.4},
     # the same network run by dlib itself (the torch backend's boxes, at dlib's CPU cost)
     "cnn_dlib": {"kind": "dlib_cnn", "min_face": 20, "max_detect_size": 1280, "backend": "dlib"},
     # conf/base's kind (union: the CNN's boxes and the Haar cascade's), at this min_face

@@ -114,9 +114,27 @@ def test_detector_backends_agree_through_the_face_stage_api() -> None:
     assert torch_boxes == DlibCnnDetector(min_face=40, backend="dlib").detect(photo)
 
 
+def test_a_cut_below_zero_reaches_the_detector_and_keeps_the_upright_boxes(net) -> None:
+    """A negative ``threshold`` lowers the network's own cut (it is not only a filter on dlib's
+    boxes above 0): the boxes above 0 stay, boxes between the cut and 0 are added."""
+    crowd = Image.fromarray(_crowd(0))
+    at_zero = DlibCnnDetector(min_face=80, pad=0.0).detect(crowd)
+    lower = DlibCnnDetector(min_face=80, pad=0.0, threshold=-1.0).detect(crowd)
+    below = [b for b in net.detect(np.asarray(crowd), -1.0) if b[4] <= 0]
+    assert below, "the crowd has candidates between -1 and 0"
+    assert len(lower) > len(at_zero)
+    assert set(at_zero) <= set(lower)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"backend": "onnx"}, "backend must be one of"), ({"num_threads": 0}, "num_threads must be")],
+    [
+        ({"backend": "onnx"}, "backend must be one of"),
+        ({"num_threads": 0}, "num_threads must be"),
+        ({"threshold": -1.2}, "threshold must be >= -1.0"),
+        ({"threshold": "low"}, "threshold must be a number"),
+        ({"threshold": -0.4, "backend": "dlib"}, "below dlib's own cut .* use backend torch"),
+    ],
 )
 def test_bad_backend_options_fail_at_construction(options, message) -> None:
     with pytest.raises(ValueError, match=message):

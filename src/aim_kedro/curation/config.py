@@ -146,7 +146,7 @@ class ScoringConfig:
 
 DEFAULT_FACE_DETECTOR: dict[str, Any] = {"kind": "union", "detectors": [
     {"kind": "dlib_cnn", "min_face": 32, "max_detect_size": 1024, "angles": [],
-     "backend": "torch"},
+     "threshold": 0.0, "backend": "torch"},
     {"kind": "opencv_haar"},
 ]}
 

@@ -126,7 +126,9 @@ class _DlibDetector(LazyModel):
 @dataclass
 class DlibCnnDetector(_DlibDetector):
     """dlib's MMOD CNN face detector (``kind: dlib_cnn``); ``threshold`` is on its confidence
-    (0 is dlib's own cut), ``weights`` a local .dat to use instead of the packaged one.
+    (0 is dlib's own cut; a cut below 0, down to ``lowest_threshold``, needs the torch backend,
+    as dlib's Python API returns only detections above 0), ``weights`` a local .dat to use
+    instead of the packaged one.
 
     ``backend: torch`` runs the same weights through PyTorch (``faces_mmod``: the same boxes,
     several times faster than this CPU build of dlib), on ``num_threads`` torch threads;
@@ -136,6 +138,9 @@ class DlibCnnDetector(_DlibDetector):
     backend: str = "torch"
     num_threads: int | None = 1
     backends: ClassVar[tuple[str, ...]] = ("torch", "dlib")
+    # Below this the background windows pass in hundreds per image (531 candidates on a 256-px
+    # scene at -1.5, 3 at -1.0), and most face-free images get a box.
+    lowest_threshold: ClassVar[float] = -1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,6 +148,22 @@ class DlibCnnDetector(_DlibDetector):
             raise ValueError(
                 f"face detector kind 'dlib_cnn': backend must be one of {list(self.backends)}, "
                 f"got {self.backend!r}"
+            )
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
+            raise ValueError(
+                f"face detector kind 'dlib_cnn': threshold must be a number, got "
+                f"{self.threshold!r}"
+            )
+        if self.threshold < self.lowest_threshold:
+            raise ValueError(
+                f"face detector kind 'dlib_cnn': threshold must be >= {self.lowest_threshold} "
+                f"(below it most face-free images get a box), got {self.threshold}"
+            )
+        if self.threshold < 0 and self.backend == "dlib":
+            raise ValueError(
+                f"face detector kind 'dlib_cnn': threshold {self.threshold} is below dlib's own "
+                "cut (0), which backend dlib cannot lower (its Python API returns only the "
+                "detections above 0); use backend torch"
             )
         if self.num_threads is not None and (
             isinstance(self.num_threads, bool)
@@ -180,7 +201,7 @@ class DlibCnnDetector(_DlibDetector):
         if self._model is None:
             self._model = MmodNet.from_file(self.weights or mmod_weights())
         with cpu_threads(self.num_threads):
-            found = self._model.detect(np.ascontiguousarray(array), 0.0)  # dlib's own cut
+            found = self._model.detect(np.ascontiguousarray(array), min(0.0, self.threshold))
         return [
             (left, top, width, height)
             for left, top, width, height, confidence in found
