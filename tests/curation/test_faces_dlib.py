@@ -137,6 +137,12 @@ def test_bad_options_name_the_problem(params, error, match):
         make_detector("dlib_cnn", **params)
 
 
+@pytest.mark.parametrize("kind", ["dlib_cnn", "dlib_hog"])
+def test_a_threshold_that_is_not_a_number_fails_at_construction(kind):
+    with pytest.raises(ValueError, match="threshold must be a number, got 'low'"):
+        make_detector(kind, threshold="low")
+
+
 def test_union_merges_its_members_boxes(astronaut_64, astronaut_160):
     union = make_detector("union", detectors=[{"kind": "dlib_cnn", "min_face": 32},
                                               {"kind": "opencv_haar"}])

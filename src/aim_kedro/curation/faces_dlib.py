@@ -82,6 +82,8 @@ class _DlibDetector(LazyModel):
                 f"max_detect_size must be >= {self.native} (the detector's smallest face), got "
                 f"{self.max_detect_size}"
             )
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
+            raise ValueError(f"threshold must be a number, got {self.threshold!r}")
         if not 0.0 <= self.pad <= 1.0:
             raise ValueError(f"pad must be in [0, 1] (a fraction of the shorter side), got {self.pad}")
         self.angles = tuple(float(a) for a in (self.angles or ()))
@@ -148,11 +150,6 @@ class DlibCnnDetector(_DlibDetector):
             raise ValueError(
                 f"face detector kind 'dlib_cnn': backend must be one of {list(self.backends)}, "
                 f"got {self.backend!r}"
-            )
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
-            raise ValueError(
-                f"face detector kind 'dlib_cnn': threshold must be a number, got "
-                f"{self.threshold!r}"
             )
         if self.threshold < self.lowest_threshold:
             raise ValueError(
